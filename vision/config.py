@@ -1,0 +1,280 @@
+"""Configs: YAML files -> typed dataclasses, with dotted ``key=value`` overrides.
+
+Every option and its default lives in the dataclasses below, so there is one place to read what a
+recipe can set.  A YAML file only states what differs from the defaults; ``_base_`` names files to
+inherit from (paths relative to the including file).  Unknown keys are rejected with their dotted
+name, so a typo never silently falls back to a default.  The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vision.errors import ConfigError
+
+
+@dataclass
+class SplitConfig:
+    """Where one split of a data set lives.
+
+    ``format`` selects the reader: ``coco`` (``ann`` is a JSON file), ``voc`` (``ann`` is the XML folder,
+    ``ids`` an optional ImageSets list file) or ``yolo`` (``ann`` is the label-file folder, ``names`` the
+    class-names file).  Relative paths are taken from ``data.root``.
+    """
+
+    format: str = "coco"
+    ann: str = ""
+    images: str = ""
+    ids: str | None = None
+    names: str | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (albumentations; AutoAugment policies for detection)."""
+
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotate90: float = 0.0
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    crop: float = 0.0
+    color_jitter: float = 0.0
+    autoaugment: Any = None  # None, a policy name ("v0".."v3"), or a list of sub-policies
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)
+    class_names: list[str] | None = None
+    with_masks: bool = False
+    skip_difficult: bool = False
+    batch_size: int = 2
+    num_workers: int = 2
+    sampler: str = "uniform"  # uniform | class_balanced | repeat_factor
+    epoch_length: int | None = None  # draws per epoch for the class-balanced sampler
+    class_cap: int | None = None  # class-balanced: at most this many distinct images per class
+    repeat_threshold: float = 0.001  # repeat-factor: LVIS threshold t
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "retinanet"  # retinanet | faster_rcnn | mask_rcnn | semantic_fpn | classifier
+    backbone: str = "resnet50"
+    pretrained: str | None = None  # timm hub name or a local .safetensors / .pth file
+    num_classes: int = 0  # 0: taken from the data set
+    out_indices: list[int] | None = None
+    fpn_channels: int = 256
+    frozen_stages: int = -1  # -1: nothing frozen; k: stem and the first k stages frozen
+    frozen_bn: bool = False
+    anchor_sizes: list[list[int]] | None = None
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    min_size: list[int] = field(default_factory=lambda: [800])
+    max_size: int = 1333
+    score_thresh: float | None = None
+    nms_thresh: float | None = None
+    detections_per_img: int = 100
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to the torchvision model
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    max_iters: int | None = None
+    time_budget_min: float | None = None
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    schedule: str = "cosine"  # cosine | step | constant
+    steps: list[float] = field(default_factory=lambda: [0.67, 0.89])  # step decay, as fractions of training
+    gamma: float = 0.1
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    amp: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9998
+    eval_every: int = 1
+    ckpt_every_iters: int = 500
+    log_every: int = 20
+    max_bad_steps: int = 5
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    freeze: str | None = None
+    unfreeze_at: int | None = None
+    layer_decay: float | None = None
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_tree(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML config and the ``_base_`` files it names, later files overriding earlier ones."""
+    path = Path(path)
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _merge(merged, load_yaml_tree(path.parent / base))
+    return _merge(merged, data)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; converts only where no information is lost."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.02", "model.min_size=[480,512]"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.lr=0.02)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a key inside a value")
+        node[parts[-1]] = value
+    return tree
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (with its ``_base_`` chain) <- command-line overrides."""
+    data = load_yaml_tree(path) if path else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config, so a run can be reproduced without the files it came from."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def resolve_path(root: str, path: str | None) -> str | None:
+    """A data path relative to ``data.root`` (absolute paths and empty roots pass through)."""
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute() or not root:
+        return str(p)
+    return str(Path(root).expanduser() / p)
