@@ -83,7 +83,7 @@ class ModelConfig:
     max_size: int = 1333
     score_thresh: float | None = None
     nms_thresh: float | None = None
-    detections_per_img: int = 100
+    detections_per_img: int | None = None  # None: torchvision's default for the arch (100, RetinaNet 300)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to the torchvision model
 
 
