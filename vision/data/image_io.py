@@ -38,10 +38,14 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
     return data
 
 
-def decode_image(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
-    """Decodes encoded image bytes to an upright HxWx3 uint8 RGB array."""
+def _check_jpeg_end(data: bytes, path: str | os.PathLike) -> None:
     if data.startswith(_JPEG_START) and not data.rstrip(b"\x00\r\n ").endswith(_JPEG_END):
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
+
+
+def decode_image(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
+    """Decodes encoded image bytes to an upright HxWx3 uint8 RGB array."""
+    _check_jpeg_end(data, path)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ImageReadError(path, "not a readable image (corrupt, truncated or unsupported format)")
@@ -51,6 +55,12 @@ def decode_image(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file as an upright HxWx3 uint8 RGB array."""
     return decode_image(_read_bytes(path), path)
+
+
+def read_image_header(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height), after checking the file is a complete image without decoding its pixels."""
+    _check_jpeg_end(_read_bytes(path), path)
+    return read_image_size(path)
 
 
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -46,6 +46,9 @@ class Categories:
         """Classes including background, as torchvision's ``num_classes``."""
         return len(self.ids) + 1
 
+    def has_id(self, cat_id: int) -> bool:
+        return cat_id in self._label_by_id
+
     def label_of(self, cat_id: int) -> int:
         return self._label_by_id[cat_id]
 
@@ -122,7 +125,7 @@ class DetectionSet:
     categories: Categories
     records: list[ImageRecord]
     source: str = ""
-    dropped_boxes: int = 0  # zero-area boxes removed while reading
+    dropped: list[str] = field(default_factory=list)  # zero-area boxes removed while reading, described
     skipped_images: list[str] = field(default_factory=list)  # unreadable images, by path
 
     def __len__(self) -> int:

@@ -1,0 +1,71 @@
+"""From a config's ``data`` section to data sets: pick the reader, resolve paths, check the images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vision.config import Config, SplitConfig, resolve_path
+from vision.data.coco import read_coco
+from vision.data.image_io import read_image_header
+from vision.data.records import DetectionSet
+from vision.data.voc import read_voc
+from vision.data.yolo import read_yolo
+from vision.errors import ConfigError, ImageReadError
+
+log = logging.getLogger(__name__)
+
+READERS = ("coco", "voc", "yolo")
+
+
+def read_split(split: SplitConfig, root: str = "", class_names: list[str] | None = None) -> DetectionSet:
+    """Reads one split with the reader its ``format`` names."""
+    ann = resolve_path(root, split.ann)
+    images = resolve_path(root, split.images)
+    if not ann:
+        raise ConfigError("data split has no 'ann' (annotation file or folder)")
+    if split.format == "coco":
+        return read_coco(ann, images or None)
+    if split.format == "voc":
+        return read_voc(ann, images or None, ids_file=resolve_path(root, split.ids), class_names=class_names)
+    if split.format == "yolo":
+        names = class_names or resolve_path(root, split.names)
+        if not names:
+            raise ConfigError("a YOLO split needs 'names' (class-names file) or data.class_names")
+        return read_yolo(ann, images or Path(ann).parent / "images", names)
+    raise ConfigError(f"unknown data format '{split.format}' (expected one of {', '.join(READERS)})")
+
+
+def drop_unreadable_images(det_set: DetectionSet) -> DetectionSet:
+    """Removes images whose file is missing, empty, truncated or not an image, naming each one.
+
+    Only headers and end markers are read (no decoding), so this costs little even for large sets and
+    catches the bad files before they stall a training run.
+    """
+    good = []
+    for record in det_set.records:
+        try:
+            read_image_header(record.path)
+        except ImageReadError as e:
+            log.warning("skipping unreadable image: %s", e)
+            det_set.skipped_images.append(str(e))
+            continue
+        good.append(record)
+    det_set.records = good
+    return det_set
+
+
+def build_datasets(cfg: Config, check_images: bool = True) -> tuple[DetectionSet, DetectionSet]:
+    """The train and val data sets of a config; val reuses train's class names so labels agree."""
+    data = cfg.data
+    train = read_split(data.train, data.root, data.class_names)
+    names = data.class_names or list(train.categories.names)
+    val = read_split(data.val, data.root, names) if data.val.ann else train
+    if list(val.categories.names) != list(train.categories.names):
+        raise ConfigError(
+            f"train and val class names differ: {list(train.categories.names)} vs {list(val.categories.names)}"
+        )
+    if check_images:
+        for det_set in {id(train): train, id(val): val}.values():
+            drop_unreadable_images(det_set)
+    return train, val

@@ -1,0 +1,249 @@
+"""COCO JSON <-> ``DetectionSet``.
+
+Real exports are untidy: ids that skip numbers, a placeholder category nobody uses, boxes that poke
+past the border, boxes of zero area, images without annotations, crowd regions, polygons and RLE side
+by side.  All of these load; category ids are kept as they are so results can be written back with the
+user's own ids.  What cannot be made sense of is rejected with the file and the offending entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vision.data.records import Categories, DetectionSet, ImageRecord
+from vision.errors import DataError
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Parses a JSON file; a syntax error becomes one line with the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not a UTF-8 text file ({e.reason})") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read file ({e.strerror or e})") from None
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Clips xyxy boxes to the image, as every reader must before dropping the degenerate ones."""
+    out = boxes.astype(np.float32, copy=True)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
+    return out
+
+
+def nonempty(boxes: np.ndarray) -> np.ndarray:
+    """Boxes with positive width and height (zero-area boxes carry no signal and break box coders)."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def bbox_list(box: Any) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in box) + "]"
+
+
+def _segmentation_box(seg: Any, height: int, width: int) -> list[float] | None:
+    from pycocotools import mask as mask_utils
+
+    rles = _to_rles(seg, height, width)
+    if rles is None:
+        return None
+    x, y, w, h = mask_utils.toBbox(mask_utils.merge(rles)).tolist()
+    return [x, y, w, h]
+
+
+def _to_rles(seg: Any, height: int, width: int) -> list[dict] | None:
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        polys = [p for p in seg if len(p) >= 6]
+        return mask_utils.frPyObjects(polys, height, width) if polys else None
+    if isinstance(seg, dict) and "counts" in seg:
+        if isinstance(seg["counts"], list):
+            return [mask_utils.frPyObjects(seg, height, width)]
+        rle = dict(seg)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+        return [rle]
+    return None
+
+
+def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as an HxW uint8 mask."""
+    from pycocotools import mask as mask_utils
+
+    rles = _to_rles(seg, height, width)
+    if not rles:
+        return np.zeros((height, width), np.uint8)
+    return mask_utils.decode(mask_utils.merge(rles)).astype(np.uint8)
+
+
+def segmentation_area(seg: Any, height: int, width: int) -> float | None:
+    from pycocotools import mask as mask_utils
+
+    rles = _to_rles(seg, height, width)
+    return float(mask_utils.area(mask_utils.merge(rles))) if rles else None
+
+
+def _require(entry: dict, keys: tuple[str, ...], path: str, what: str) -> None:
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        ident = f" {entry['id']}" if "id" in entry else ""
+        raise DataError(path, f"{what}{ident} has no '{missing[0]}'")
+
+
+def _positive_int(x: Any) -> int | None:
+    if _is_number(x) and x > 0 and float(x).is_integer():
+        return int(x)
+    return None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def coco_to_detection_set(
+    data: dict[str, Any], path: str, images_dir: str | os.PathLike | None = None
+) -> DetectionSet:
+    """Validates a parsed COCO dict and turns it into records (boxes clipped, zero-area boxes dropped)."""
+    if not isinstance(data, dict) or "images" not in data:
+        raise DataError(path, "not a COCO data set (no 'images' list)")
+    images = data["images"]
+    annotations = data.get("annotations", [])
+    categories = data.get("categories", [])
+    if not isinstance(images, list) or not isinstance(annotations, list) or not isinstance(categories, list):
+        raise DataError(path, "'images', 'annotations' and 'categories' must be lists")
+    for c in categories:
+        _require(c, ("id",), path, "category")
+    try:
+        cats = Categories.from_coco(categories)
+    except ValueError as e:
+        raise DataError(path, str(e)) from None
+    images_dir = Path(images_dir) if images_dir else Path(path).parent
+
+    by_image: dict[int, list[dict]] = {}
+    image_ids = set()
+    for img in images:
+        _require(img, ("id", "file_name"), path, "image")
+        if img["id"] in image_ids:
+            raise DataError(path, f"image id {img['id']} appears twice in 'images'")
+        image_ids.add(img["id"])
+        by_image[img["id"]] = []
+    for ann in annotations:
+        _require(ann, ("image_id", "category_id"), path, "annotation")
+        if ann["image_id"] not in image_ids:
+            raise DataError(path, f"annotation {ann.get('id', '?')}: image_id {ann['image_id']} is not in 'images'")
+        if not cats.has_id(ann["category_id"]):
+            raise DataError(
+                path, f"annotation {ann.get('id', '?')}: category_id {ann['category_id']} is not in 'categories'"
+            )
+        by_image[ann["image_id"]].append(ann)
+
+    records: list[ImageRecord] = []
+    dropped: list[str] = []
+    for img in images:
+        width, height = _positive_int(img.get("width")), _positive_int(img.get("height"))
+        if width is None or height is None:
+            raise DataError(path, f"image {img['id']} ({img['file_name']}): width and height must be positive integers")
+        anns = by_image[img["id"]]
+        boxes, labels, crowd, difficult, segs = [], [], [], [], []
+        for ann in anns:
+            seg = ann.get("segmentation")
+            bbox = ann.get("bbox")
+            if bbox is None and seg:
+                bbox = _segmentation_box(seg, height, width)
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+                raise DataError(path, f"annotation {ann.get('id', '?')}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+            x, y, w, h = bbox
+            boxes.append([x, y, x + w, y + h])
+            labels.append(cats.label_of(ann["category_id"]))
+            crowd.append(bool(ann.get("iscrowd", 0)))
+            difficult.append(bool(ann.get("difficult", 0)))
+            segs.append(seg if seg else None)
+        box_arr = clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), width, height)
+        keep = nonempty(box_arr)
+        dropped += [
+            f"annotation {anns[k].get('id', '?')} (image {img['id']}): zero-area box {bbox_list(boxes[k])}"
+            for k in np.flatnonzero(~keep)
+        ]
+        record = ImageRecord(
+            image_id=img["id"],
+            file_name=img["file_name"],
+            path=str(images_dir / img["file_name"]),
+            width=width,
+            height=height,
+            boxes=box_arr,
+            labels=np.asarray(labels, np.int64),
+            iscrowd=np.asarray(crowd, bool),
+            difficult=np.asarray(difficult, bool),
+            segmentations=segs if any(s is not None for s in segs) else None,
+        )
+        records.append(record.select(keep))
+    return DetectionSet(cats, records, source=str(path), dropped=dropped)
+
+
+def read_coco(path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> DetectionSet:
+    """Reads a COCO JSON file; images are looked up in ``images_dir`` (default: the file's folder)."""
+    return coco_to_detection_set(load_json(path), str(path), images_dir)
+
+
+def record_annotations(record: ImageRecord, categories: Categories, first_id: int = 1) -> list[dict[str, Any]]:
+    """A record's instances as COCO annotation dicts (area from the mask where there is one)."""
+    out = []
+    for k in range(len(record)):
+        x1, y1, x2, y2 = (float(v) for v in record.boxes[k])
+        seg = record.segmentations[k] if record.segmentations is not None else None
+        area = segmentation_area(seg, record.height, record.width) if seg is not None else None
+        ann: dict[str, Any] = {
+            "id": first_id + k,
+            "image_id": record.image_id,
+            "category_id": categories.id_of(int(record.labels[k])),
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "area": area if area is not None else (x2 - x1) * (y2 - y1),
+            "iscrowd": int(record.iscrowd[k]),
+        }
+        if seg is not None:
+            ann["segmentation"] = seg
+        if record.difficult[k]:
+            ann["difficult"] = 1
+        out.append(ann)
+    return out
+
+
+def to_coco_dict(det_set: DetectionSet) -> dict[str, Any]:
+    """The data set as a COCO dict (the ground truth pycocotools evaluates against)."""
+    images, annotations = [], []
+    for record in det_set.records:
+        images.append(
+            {"id": record.image_id, "file_name": record.file_name, "width": record.width, "height": record.height}
+        )
+        annotations.extend(record_annotations(record, det_set.categories, len(annotations) + 1))
+    return {"images": images, "annotations": annotations, "categories": det_set.categories.to_coco()}
+
+
+def write_coco(det_set: DetectionSet, path: str | os.PathLike) -> None:
+    """Writes COCO JSON atomically, so an interrupted write never leaves half a file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_coco_dict(det_set), default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return obj.decode("ascii")
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")

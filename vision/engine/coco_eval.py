@@ -1,0 +1,191 @@
+"""COCO evaluation with pycocotools, and conversion of model outputs to COCO results.
+
+pycocotools computes every number; this module only feeds it, checks that results refer to images the
+ground truth has (pycocotools would stop on an assertion), and reads per-class AP out of its
+precision array the way Detectron's reports do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vision.data.records import Categories, DetectionSet
+from vision.errors import VisionError
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _coco_from_dict(gt: dict[str, Any]):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {k: v for k, v in gt.items()}
+    coco.dataset.setdefault("annotations", [])
+    coco.dataset.setdefault("categories", [])
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def check_results(gt: dict[str, Any], results: Sequence[dict[str, Any]], source: str = "detections") -> list[dict]:
+    """Results that name images by id (or by ``file_name``) as ids, after checking each one exists."""
+    by_name = {img["file_name"]: img["id"] for img in gt.get("images", [])}
+    ids = set(by_name.values())
+    cat_ids = {c["id"] for c in gt.get("categories", [])}
+    out, missing, bad_cats = [], set(), set()
+    for k, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise VisionError(f"{source}: entry {k} is not an object")
+        if "image_id" not in r and "file_name" in r:
+            r = {**r, "image_id": by_name.get(r["file_name"], r["file_name"])}
+        if "image_id" not in r or "category_id" not in r or "score" not in r:
+            raise VisionError(f"{source}: entry {k} needs image_id, category_id and score")
+        if r["image_id"] not in ids:
+            missing.add(r["image_id"])
+        if r["category_id"] not in cat_ids:
+            bad_cats.add(r["category_id"])
+        out.append(r)
+    if missing:
+        shown = ", ".join(str(m) for m in sorted(missing, key=str)[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise VisionError(f"{source}: image ids not in the ground truth: {shown}{more}")
+    if bad_cats:
+        raise VisionError(f"{source}: category ids not in the ground truth: {sorted(bad_cats)}")
+    return out
+
+
+def evaluate_coco(
+    gt: dict[str, Any],
+    results: Sequence[dict[str, Any]],
+    iou_type: str = "bbox",
+    *,
+    max_dets: int | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Runs COCOeval; returns ``{iou_type: {AP, AP50, ...}, "per_class": {name: AP}, "summary": text}``.
+
+    ``max_dets`` raises the last detections-per-image limit (COCO's 100), for images that hold more
+    objects than that; the AR100-style keys then refer to that limit.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if iou_type not in ("bbox", "segm"):
+        raise VisionError(f"unknown iou type '{iou_type}' (expected bbox or segm)")
+    coco_gt = _coco_from_dict(gt)
+    results = list(results)
+    if iou_type == "segm":
+        missing = [k for k, r in enumerate(results) if "segmentation" not in r]
+        if missing:
+            raise VisionError(f"segm evaluation needs a 'segmentation' in every result (entry {missing[0]} has none)")
+    stats = np.full(len(STAT_NAMES), -1.0)
+    precision = None
+    summary = ""
+    if results:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])
+            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            if max_dets is not None:
+                ev.params.maxDets = [1, 10, max_dets]
+            ev.evaluate()
+            ev.accumulate()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            ev.summarize()
+        summary = out.getvalue()
+        stats = ev.stats
+        precision = ev.eval["precision"]
+    if verbose and summary:
+        print(summary, end="")
+    per_class = {}
+    cats = sorted(coco_gt.dataset["categories"], key=lambda c: c["id"])
+    cat_ids = coco_gt.getCatIds()
+    for cat in cats:
+        ap = -1.0
+        if precision is not None:
+            k = cat_ids.index(cat["id"])
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            ap = float(p.mean()) if p.size else -1.0
+        per_class[str(cat.get("name", cat["id"]))] = ap
+    return {iou_type: dict(zip(STAT_NAMES, (float(s) for s in stats))), "per_class": per_class, "summary": summary}
+
+
+def format_per_class(per_class: Mapping[str, float], title: str = "AP") -> str:
+    """A two-column table of per-class AP (n/a for classes with no ground truth)."""
+    width = max([len(n) for n in per_class] + [8])
+    lines = [f"{'class':<{width}}  {title:>6}"]
+    for name, ap in per_class.items():
+        lines.append(f"{name:<{width}}  {ap * 100:6.2f}" if ap >= 0 else f"{name:<{width}}  {'n/a':>6}")
+    return "\n".join(lines)
+
+
+def _rle_of(mask: np.ndarray) -> dict[str, Any]:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def prediction_to_results(
+    image_id: int, prediction: Mapping[str, Any], categories: Categories, mask_threshold: float = 0.5
+) -> list[dict[str, Any]]:
+    """One image's prediction (boxes xyxy px, scores, labels 1..K, optional masks) -> COCO results."""
+    boxes = np.asarray(_numpy(prediction["boxes"]), np.float64).reshape(-1, 4)
+    scores = np.asarray(_numpy(prediction["scores"]), np.float64).reshape(-1)
+    labels = np.asarray(_numpy(prediction["labels"]), np.int64).reshape(-1)
+    masks = prediction.get("masks")
+    if masks is not None:
+        masks = _numpy(masks)
+        if masks.ndim == 4:  # torchvision's [N, 1, H, W] probabilities
+            masks = masks[:, 0]
+        masks = masks >= mask_threshold if masks.dtype != bool else masks
+    out = []
+    for k in range(len(scores)):
+        x1, y1, x2, y2 = boxes[k]
+        r: dict[str, Any] = {
+            "image_id": image_id,
+            "category_id": categories.id_of(int(labels[k])),
+            "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
+            "score": round(float(scores[k]), 5),
+        }
+        if masks is not None:
+            r["segmentation"] = _rle_of(masks[k])
+        out.append(r)
+    return out
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def evaluate_detections(
+    det_set: DetectionSet,
+    predictions: Mapping[int, Mapping[str, Any]],
+    iou_types: Sequence[str] = ("bbox",),
+    *,
+    max_dets: int | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Evaluates per-image predictions (keyed by image_id) against a data set with pycocotools."""
+    from vision.data.coco import to_coco_dict
+
+    gt = to_coco_dict(det_set)
+    results = [
+        r for image_id, pred in predictions.items() for r in prediction_to_results(image_id, pred, det_set.categories)
+    ]
+    metrics: dict[str, Any] = {}
+    for iou_type in iou_types:
+        m = evaluate_coco(gt, results, iou_type, max_dets=max_dets, verbose=verbose)
+        metrics[iou_type] = m[iou_type]
+        metrics["per_class" if iou_type == "bbox" else f"per_class_{iou_type}"] = m["per_class"]
+        metrics.setdefault("summary", {})[iou_type] = m["summary"]
+    return metrics
