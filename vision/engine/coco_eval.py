@@ -152,8 +152,8 @@ def prediction_to_results(
         r: dict[str, Any] = {
             "image_id": image_id,
             "category_id": categories.id_of(int(labels[k])),
-            "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
-            "score": round(float(scores[k]), 5),
+            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+            "score": float(scores[k]),
         }
         if masks is not None:
             r["segmentation"] = _rle_of(masks[k])
