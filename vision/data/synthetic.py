@@ -1,0 +1,562 @@
+"""A procedural COCO data set: shapes on textured backgrounds, with exact instance masks.
+
+Tests and the demo need detection / segmentation data that is small, made in seconds, free of
+licences and downloads, and whose ground truth is known to the pixel.  Shapes are the classes; their
+colour, fill, size, rotation and the background are random and independent of the class, so a model
+has to learn shape.  Backgrounds mix smooth noise, gradients, stripes, unannotated colour blobs and
+lines so that "anything not flat is an object" does not work either.
+
+Every shape is a set of polygons rasterised by pycocotools' own polygon rasteriser, so a shape written
+as a COCO polygon decodes to exactly the pixels that were painted; occluded shapes and shapes with
+holes (ring, crescent) are written as RLE of their visible pixels.  Shapes are placed one after the
+other; a placement that would hide too much of an earlier shape is rejected and tried elsewhere, so
+every painted shape is annotated, and no pixel belongs to two instances.
+
+Each image draws its randomness from ``(seed, split, index)`` alone, so the same seed gives the same
+bytes, and a larger ``num_train`` adds images without changing the earlier ones.  Class frequencies
+are allocated, not sampled (largest remainder over the split), so a requested long tail holds even on
+a small split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_util
+
+from vision.errors import VisionError
+
+DEFAULT_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ellipse", "cross")
+
+Polys = list[np.ndarray]  # each an (N, 2) array of x, y
+ShapeFn = Callable[[np.random.Generator], tuple[Polys, Polys]]
+
+_SPLITS = {"train": 0, "val": 1}
+_PURPOSE_IMAGE, _PURPOSE_ALLOCATE = 0, 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes.  Each returns (polygons to fill, polygons to cut out) in unit coordinates around the origin;
+# they are normalised afterwards so that the farthest vertex lies at radius 1.
+
+
+def _ngon(n: int, radius: float = 1.0, phase: float = 0.0, aspect: float = 1.0) -> np.ndarray:
+    t = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(t), radius * aspect * np.sin(t)], 1)
+
+
+def _star_polygon(points: int, inner: float) -> np.ndarray:
+    t = -np.pi / 2 + np.pi * np.arange(2 * points) / points
+    r = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _circle(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    return [_ngon(64)], []
+
+
+def _ellipse(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    return [_ngon(64, aspect=rng.uniform(0.35, 0.65))], []
+
+
+def _square(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    return [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float)], []
+
+
+def _triangle(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    t = -np.pi / 2 + 2 * np.pi * np.arange(3) / 3 + rng.uniform(-0.3, 0.3, 3)
+    return [np.stack([np.cos(t), np.sin(t)], 1)], []
+
+
+def _star(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    return [_star_polygon(5, rng.uniform(0.38, 0.5))], []
+
+
+def _cross(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    a = rng.uniform(0.2, 0.32)
+    pts = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a),
+           (-1, -a), (-a, -a)]
+    return [np.array(pts, float)], []
+
+
+def _pentagon(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    return [_ngon(5, phase=-np.pi / 2)], []
+
+
+def _hexagon(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    return [_ngon(6)], []
+
+
+def _ring(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    return [_ngon(64)], [_ngon(64, radius=rng.uniform(0.45, 0.65))]
+
+
+def _diamond(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    b = rng.uniform(0.45, 0.65)
+    return [np.array([[1, 0], [0, b], [-1, 0], [0, -b]], float)], []
+
+
+def _arrow(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    s, h, x = rng.uniform(0.14, 0.22), rng.uniform(0.4, 0.55), rng.uniform(0.0, 0.3)
+    pts = [(-1, -s), (x, -s), (x, -h), (1, 0), (x, h), (x, s), (-1, s)]
+    return [np.array(pts, float)], []
+
+
+def _crescent(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    r, d = rng.uniform(0.75, 0.9), rng.uniform(0.35, 0.55)
+    return [_ngon(64)], [_ngon(64, radius=r) + np.array([d, 0.0])]
+
+
+def _heart(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    t = 2 * np.pi * np.arange(64) / 64
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return [np.stack([x, y + 2.5], 1)], []
+
+
+def _semicircle(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    t = np.pi * np.arange(33) / 32
+    return [np.stack([np.cos(t), np.sin(t) - 0.4], 1)], []
+
+
+def _trapezoid(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    top, h = rng.uniform(0.35, 0.6), rng.uniform(0.55, 0.8)
+    return [np.array([[-1, h], [1, h], [top, -h], [-top, -h]], float)], []
+
+
+def _chevron(rng: np.random.Generator) -> tuple[Polys, Polys]:
+    w, d = rng.uniform(0.3, 0.45), rng.uniform(0.6, 0.9)
+    pts = [(-1, -d), (0, d - 2 * w), (1, -d), (1, -d + w * 1.6), (0, d), (-1, -d + w * 1.6)]
+    return [np.array(pts, float)], []
+
+
+SHAPES: dict[str, ShapeFn] = {
+    "circle": _circle, "square": _square, "triangle": _triangle, "star": _star, "ellipse": _ellipse,
+    "cross": _cross, "pentagon": _pentagon, "hexagon": _hexagon, "ring": _ring, "diamond": _diamond,
+    "arrow": _arrow, "crescent": _crescent, "heart": _heart, "semicircle": _semicircle,
+    "trapezoid": _trapezoid, "chevron": _chevron,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Textures: float32 HxWx3 arrays in [0, 255].
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0, 255, 3).astype(np.float32)
+
+
+def _projection(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Pixel positions projected on a random direction: the phase of gradients and stripes."""
+    a = rng.uniform(0, 2 * np.pi)
+    return (np.arange(h, dtype=np.float32)[:, None] * math.sin(a)
+            + np.arange(w, dtype=np.float32)[None, :] * math.cos(a))
+
+
+def _blend(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    c0, c1 = _colour(rng), _colour(rng)
+    return c0 + t[..., None] * (c1 - c0)
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    cells = int(rng.integers(2, 12))
+    small = rng.uniform(0, 255, (cells, max(2, round(cells * w / h)), 3)).astype(np.float32)
+    return np.clip(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC), 0, 255)
+
+
+def _gradient(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    p = _projection(rng, h, w)
+    lo = float(p.min())
+    return _blend(rng, (p - lo) / max(float(p.max()) - lo, 1.0))
+
+
+def _stripes(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    phase = _projection(rng, h, w) / np.float32(rng.uniform(4, 40))
+    if rng.random() < 0.5:
+        t = (phase % 1.0 < rng.uniform(0.3, 0.7)).astype(np.float32)
+    else:
+        t = 0.5 + 0.5 * np.sin(np.float32(2 * np.pi) * phase)
+    return _blend(rng, t)
+
+
+_TEXTURES = (_smooth_noise, _gradient, _stripes)
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return _TEXTURES[int(rng.integers(len(_TEXTURES)))](rng, h, w)
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    img = _texture(rng, h, w)
+    if rng.random() < 0.5:
+        alpha = rng.uniform(0.2, 0.6)
+        img = (1 - alpha) * img + alpha * _texture(rng, h, w)
+    # Unannotated clutter: irregular colour blobs (thresholded smooth noise) and lines.
+    for _ in range(int(rng.integers(0, 5))):
+        field = np.zeros((h, w), np.float32)
+        for cells, weight in ((int(rng.integers(3, 8)), 1.0), (int(rng.integers(10, 20)), 0.5)):
+            small = rng.random((cells, max(2, round(cells * w / h)))).astype(np.float32)
+            field += weight * cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        blob = field > rng.uniform(1.05, 1.3)
+        img[blob] = (1 - 0.8) * img[blob] + 0.8 * _colour(rng)
+    for _ in range(int(rng.integers(0, 4))):
+        p0 = (int(rng.integers(w)), int(rng.integers(h)))
+        p1 = (int(rng.integers(w)), int(rng.integers(h)))
+        cv2.line(img, p0, p1, _colour(rng).tolist(), int(rng.integers(1, 4)), cv2.LINE_AA)
+    return img
+
+
+# --------------------------------------------------------------------------------------------------
+# One image.
+
+
+@dataclass(frozen=True)
+class _Spec:
+    width: int
+    height: int
+    names: tuple[str, ...]
+    min_objects: int
+    max_objects: int
+    min_size: float
+    max_size: float
+    max_occlusion: float
+    min_visible_pixels: int
+    polygon_fraction: float
+    seed: int
+
+
+@dataclass
+class _Instance:
+    label: int  # contiguous, 1..K
+    polys: Polys  # pixel coordinates, for the polygon encoding
+    polygon_ok: bool  # no cut-outs, so the polygons alone describe the shape
+    area: int  # pixels before occlusion
+
+
+def _rasterise(polys: Polys, h: int, w: int) -> np.ndarray:
+    rles = mask_util.frPyObjects([p.ravel().tolist() for p in polys], h, w)
+    return np.ascontiguousarray(mask_util.decode(mask_util.merge(rles))).astype(bool)
+
+
+def _shape_polys(
+    rng: np.random.Generator, fn: ShapeFn, size: float, spec: _Spec
+) -> tuple[Polys, Polys] | None:
+    """The shape rotated, scaled to ``size`` pixels across and placed inside the image, vertices on a
+    quarter-pixel grid (exact in binary, so the JSON round trip rasterises to the same pixels)."""
+    fill, cut = fn(rng)
+    scale = 1.0 / max(float(np.linalg.norm(p, axis=1).max()) for p in fill)
+    a = rng.uniform(0, 2 * np.pi)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    r = size / 2 * scale
+    fill = [p @ rot.T * r for p in fill]
+    cut = [p @ rot.T * r for p in cut]
+    lo = np.min([p.min(0) for p in fill], 0)
+    hi = np.max([p.max(0) for p in fill], 0)
+    room = np.array([spec.width - 2.0, spec.height - 2.0]) - (hi - lo)
+    if (room < 0).any():
+        return None
+    offset = 1.0 + rng.uniform(0, 1, 2) * room - lo
+    fill = [np.round((p + offset) * 4) / 4 for p in fill]
+    cut = [np.round((p + offset) * 4) / 4 for p in cut]
+    return fill, cut
+
+
+def _place(
+    rng: np.random.Generator, label: int, spec: _Spec, idmap: np.ndarray, full: list[int], vis: list[int]
+) -> tuple[_Instance, np.ndarray] | None:
+    """Find a spot where the new shape leaves every earlier one visible enough; None after many tries."""
+    fn = SHAPES[spec.names[label - 1]]
+    size = math.exp(rng.uniform(math.log(spec.min_size), math.log(spec.max_size)))
+    for attempt in range(30):
+        if attempt and attempt % 10 == 0:
+            size = max(spec.min_size, size * 0.7)
+        placed = _shape_polys(rng, fn, size, spec)
+        if placed is None:
+            size = max(spec.min_size, size * 0.7)
+            continue
+        fill, cut = placed
+        mask = _rasterise(fill, spec.height, spec.width)
+        if cut:
+            mask &= ~_rasterise(cut, spec.height, spec.width)
+        area = int(mask.sum())
+        if area < spec.min_visible_pixels:
+            continue
+        if full:
+            covered = np.bincount(idmap[mask], minlength=len(full) + 1)[1:]
+            left = np.asarray(vis) - covered
+            need = np.maximum((1 - spec.max_occlusion) * np.asarray(full), spec.min_visible_pixels)
+            if (left < need).any():
+                continue
+        return _Instance(label, fill, not cut, area), mask
+    return None
+
+
+def _fill_for(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Pixels for a shape: a flat colour or a texture, kept away from the colour underneath."""
+    under = img[mask].mean(0)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    best, best_gap = None, -1.0
+    for _ in range(8):
+        if rng.random() < 0.65:
+            colour = _colour(rng)
+            pixels = np.broadcast_to(colour, (int(mask.sum()), 3))
+        else:
+            pixels = _texture(rng, int(y1 - y0), int(x1 - x0))[mask[y0:y1, x0:x1]]
+            colour = pixels.mean(0)
+        gap = float(np.abs(colour - under).sum())
+        if gap > best_gap:
+            best, best_gap = pixels, gap
+        if gap >= 120:
+            break
+    return best
+
+
+def _render(spec: _Spec, split: str, index: int, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray,
+                                                                                   list[_Instance]]:
+    """One image (uint8 RGB), its instance-id map (0 background, i for instance i) and instances."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _SPLITS[split], _PURPOSE_IMAGE, index]))
+    h, w = spec.height, spec.width
+    img = _background(rng, h, w)
+    idmap = np.zeros((h, w), np.int32)
+    instances: list[_Instance] = []
+    full: list[int] = []
+    vis: list[int] = []
+    for label in labels:
+        placed = _place(rng, label, spec, idmap, full, vis)
+        if placed is None:
+            continue
+        inst, mask = placed
+        if full:
+            covered = np.bincount(idmap[mask], minlength=len(full) + 1)[1:]
+            vis = [v - int(c) for v, c in zip(vis, covered)]
+        instances.append(inst)
+        full.append(inst.area)
+        vis.append(inst.area)
+        idmap[mask] = len(instances)
+        img[mask] = _fill_for(rng, img, mask)
+    spread = rng.uniform(0, 24)  # sensor-like noise, uniform because it is 4x cheaper than normal
+    if spread > 2:
+        img += np.float32(spread) * (rng.random(img.shape, dtype=np.float32) - np.float32(0.5))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), idmap, instances
+
+
+# --------------------------------------------------------------------------------------------------
+# Class allocation.
+
+
+def class_weights(num_classes: int, long_tail: float | None) -> np.ndarray:
+    """Relative class frequencies: equal, or geometric from 1 (first class) down to 1/long_tail."""
+    if not long_tail or num_classes == 1:
+        return np.ones(num_classes)
+    return np.asarray(long_tail, float) ** (-np.arange(num_classes) / (num_classes - 1))
+
+
+def _allocate(total: int, weights: np.ndarray) -> np.ndarray:
+    """Integer counts summing to ``total`` closest to the weights (largest remainder), each class at
+    least once when there is room, so a rare class is rare but present."""
+    target = weights / weights.sum() * total
+    counts = np.floor(target).astype(int)
+    order = np.argsort(-(target - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    if total >= len(weights):
+        for k in np.flatnonzero(counts == 0):
+            counts[int(np.argmax(counts))] -= 1
+            counts[k] += 1
+    return counts
+
+
+def _labels_per_image(
+    spec: _Spec, split: str, n: int, weights: np.ndarray, one_class: bool, empty_fraction: float
+) -> list[list[int]]:
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _SPLITS[split], _PURPOSE_ALLOCATE]))
+    sizes = rng.integers(spec.min_objects, spec.max_objects + 1, n)
+    empty = rng.permutation(n)[: round(n * empty_fraction)]
+    sizes[empty] = 0
+    k = len(weights)
+    if one_class:
+        busy = np.flatnonzero(sizes > 0)
+        classes = rng.permutation(np.repeat(np.arange(1, k + 1), _allocate(len(busy), weights)))
+        out = [[] for _ in range(n)]
+        for i, c in zip(busy, classes):
+            out[i] = [int(c)] * int(sizes[i])
+        return out
+    pool = rng.permutation(np.repeat(np.arange(1, k + 1), _allocate(int(sizes.sum()), weights)))
+    ends = np.cumsum(sizes)
+    return [pool[e - s:e].astype(int).tolist() for s, e in zip(sizes, ends)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _annotations(
+    rng: np.random.Generator, idmap: np.ndarray, instances: list[_Instance], cat_ids: Sequence[int],
+    image_id: int, next_id: int, polygon_fraction: float,
+) -> list[dict[str, Any]]:
+    anns = []
+    for i, inst in enumerate(instances, start=1):
+        visible = idmap == i
+        rle = _rle(visible)
+        area = int(mask_util.area(rle))
+        as_polygon = rng.random() < polygon_fraction and inst.polygon_ok and area == inst.area
+        seg: Any = [p.ravel().tolist() for p in inst.polys] if as_polygon else rle
+        anns.append({
+            "id": next_id + len(anns),
+            "image_id": image_id,
+            "category_id": int(cat_ids[inst.label - 1]),
+            "segmentation": seg,
+            "area": area,
+            "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            "iscrowd": 0,
+        })
+    return anns
+
+
+def _semantic(idmap: np.ndarray, instances: list[_Instance], ignore_width: int) -> np.ndarray:
+    lut = np.array([0] + [inst.label for inst in instances], np.uint8)
+    sem = lut[idmap]
+    if ignore_width > 0:
+        k = np.ones((2 * ignore_width + 1,) * 2, np.uint8)
+        ids = idmap.astype(np.float32)
+        sem[cv2.dilate(ids, k) != cv2.erode(ids, k)] = 255
+    return sem
+
+
+def _write_image(path: Path, img: np.ndarray, params: list[int]) -> None:
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), img, params):
+        raise VisionError(f"{path}: could not write image")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise VisionError(f"synthetic data set: {message}")
+
+
+def make_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    num_train: int = 200,
+    num_val: int = 50,
+    image_size: tuple[int, int] = (320, 240),
+    classes: Sequence[str] | int = DEFAULT_CLASSES,
+    min_objects: int = 1,
+    max_objects: int = 6,
+    long_tail: float | None = None,
+    one_class_per_image: bool = False,
+    seed: int = 0,
+    min_object_size: float = 16,
+    max_object_size: float | None = None,
+    max_occlusion: float = 0.5,
+    min_visible_pixels: int = 24,
+    polygon_fraction: float = 0.5,
+    contiguous_ids: bool = False,
+    semantic: bool = False,
+    semantic_ignore_width: int = 0,
+    empty_fraction: float = 0.0,
+    image_format: str = "png",
+) -> dict[str, Any]:
+    """Write ``train.json``, ``val.json`` and ``images/`` (and ``semantic/`` if asked) under ``out_dir``.
+
+    ``classes`` names shapes from ``SHAPES`` or gives how many of them to use, in that order; with
+    ``long_tail=R`` the first class is R times as frequent as the last, geometric in between (instances,
+    or images when ``one_class_per_image``).  Category ids are 1, 3, 5, ... unless ``contiguous_ids``,
+    because real exports are rarely 1..K and readers must not assume it.  ``max_object_size`` is the
+    largest shape diameter in pixels (default: 45% of the shorter side); ``max_occlusion`` the largest
+    share of a shape a later one may hide.  ``polygon_fraction`` of the shapes that can be (unoccluded,
+    no holes) are written as polygons, the rest as RLE.  Semantic masks hold the contiguous label
+    (1..K in category-id order, 0 background, 255 along instance boundaries when
+    ``semantic_ignore_width`` > 0).  Returns paths and per-class instance counts.
+    """
+    width, height = (int(v) for v in image_size)
+    if isinstance(classes, int):
+        _check(1 <= classes <= len(SHAPES), f"classes must be 1..{len(SHAPES)}, got {classes}")
+        names = tuple(SHAPES)[:classes]
+    else:
+        names = tuple(classes)
+        unknown = [n for n in names if n not in SHAPES]
+        _check(not unknown, f"unknown shape class {unknown}; known: {', '.join(SHAPES)}")
+        _check(len(set(names)) == len(names) and names, "classes must be distinct and non-empty")
+    _check(num_train >= 0 and num_val >= 0, "image counts must be >= 0")
+    _check(width >= 16 and height >= 16, f"image size must be at least 16x16, got {width}x{height}")
+    _check(0 <= min_objects <= max_objects, "need 0 <= min_objects <= max_objects")
+    _check(long_tail is None or long_tail >= 1, f"long_tail must be >= 1, got {long_tail}")
+    _check(isinstance(seed, int) and seed >= 0, f"seed must be a non-negative integer, got {seed}")
+    _check(0 <= max_occlusion < 1, "max_occlusion must be in [0, 1)")
+    _check(0 <= polygon_fraction <= 1 and 0 <= empty_fraction <= 1, "fractions must be in [0, 1]")
+    _check(image_format in ("png", "jpg"), f"image_format must be png or jpg, got {image_format!r}")
+    max_size = float(max_object_size or 0.45 * min(width, height))
+    max_size = min(max_size, min(width, height) - 2.0)
+    _check(4 <= min_object_size <= max_size, f"need 4 <= min_object_size <= {max_size:g}")
+
+    spec = _Spec(width, height, names, min_objects, max_objects, float(min_object_size), max_size,
+                 float(max_occlusion), int(min_visible_pixels), float(polygon_fraction), seed)
+    cat_ids = tuple(i + 1 if contiguous_ids else 2 * i + 1 for i in range(len(names)))
+    categories = [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(cat_ids, names)]
+    weights = class_weights(len(names), long_tail)
+
+    out = Path(out_dir)
+    images_dir = out / "images"
+    semantic_dir = out / "semantic"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    if semantic:
+        semantic_dir.mkdir(exist_ok=True)
+    params = ([cv2.IMWRITE_PNG_COMPRESSION, 1] if image_format == "png" else [cv2.IMWRITE_JPEG_QUALITY, 95])
+    info = {
+        "description": "vision procedural shapes",
+        "seed": seed, "image_size": [width, height], "long_tail": long_tail,
+        "one_class_per_image": one_class_per_image, "max_occlusion": max_occlusion,
+    }
+
+    summary: dict[str, Any] = {
+        "out_dir": str(out), "images_dir": str(images_dir),
+        "semantic_dir": str(semantic_dir) if semantic else None,
+        "categories": categories, "num_images": {}, "num_annotations": {}, "counts": {},
+    }
+    image_id, ann_id = 1, 1
+    for split, n in (("train", num_train), ("val", num_val)):
+        plan = _labels_per_image(spec, split, n, weights, one_class_per_image, empty_fraction)
+        ann_rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLITS[split], 2]))
+        images, annotations = [], []
+        for index, labels in enumerate(plan):
+            img, idmap, instances = _render(spec, split, index, labels)
+            stem = f"{split}_{index:06d}"
+            file_name = f"{stem}.{image_format}"
+            _write_image(images_dir / file_name, img, params)
+            if semantic:
+                sem = _semantic(idmap, instances, semantic_ignore_width)
+                _write_image(semantic_dir / f"{stem}.png", sem, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+            anns = _annotations(ann_rng, idmap, instances, cat_ids, image_id, ann_id, polygon_fraction)
+            annotations.extend(anns)
+            image_id += 1
+            ann_id += len(anns)
+        coco = {"info": info, "licenses": [], "images": images, "annotations": annotations,
+                "categories": categories}
+        path = out / f"{split}.json"
+        path.write_text(json.dumps(coco, separators=(",", ":")))
+        per_class = dict.fromkeys(names, 0)
+        for a in annotations:
+            per_class[names[cat_ids.index(a["category_id"])]] += 1
+        summary[split] = str(path)
+        summary["num_images"][split] = n
+        summary["num_annotations"][split] = len(annotations)
+        summary["counts"][split] = per_class
+    return summary
+
