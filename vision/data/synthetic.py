@@ -12,10 +12,10 @@ holes (ring, crescent) are written as RLE of their visible pixels.  Shapes are p
 other; a placement that would hide too much of an earlier shape is rejected and tried elsewhere, so
 every painted shape is annotated, and no pixel belongs to two instances.
 
-Each image draws its randomness from ``(seed, split, index)`` alone, so the same seed gives the same
-bytes, and a larger ``num_train`` adds images without changing the earlier ones.  Class frequencies
-are allocated, not sampled (largest remainder over the split), so a requested long tail holds even on
-a small split.
+The same seed and arguments give the same bytes (JSON and pixels).  Class frequencies are allocated,
+not sampled (largest remainder over the split, then shuffled), so a requested long tail holds even on a
+small split; which classes an image holds therefore depends on the split's size, while everything else
+about image ``i`` comes from ``(seed, split, i)``.
 """
 
 from __future__ import annotations
