@@ -67,7 +67,7 @@ def test_unreadable_images_are_skipped_by_check_and_at_load(tmp_path, caplog):
         f.truncate(100)
     det_set = _set([bad, good])
     # At load time (e.g. the file broke after the check): another image is served and the bad one named.
-    image, target = DetectionDataset(det_set)[0]
+    _, target = DetectionDataset(det_set)[0]
     assert target["image_id"] == 1
     assert any("2.png" in r.getMessage() for r in caplog.records)
     # Before training: the header check drops it and keeps the list of what was skipped.

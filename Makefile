@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine: `make demo` (install, then the end-to-end demo) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(PYTHON) -m uv
+export NO_ALBUMENTATIONS_UPDATE := 1
+export UV_LINK_MODE ?= copy
+
+.PHONY: install demo test lint bench-fusion
+
+install:
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	@$(UV) sync --frozen --quiet
+
+demo: install
+	$(UV) run --frozen vision demo --out demo_out
+
+test: install
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen pytest -q
+
+lint: install
+	$(UV) run --frozen ruff check .
