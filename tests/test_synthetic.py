@@ -206,7 +206,15 @@ def test_cli_writes_the_data_set(tmp_path: Path, capsys) -> None:
     assert len(list((out / "semantic").glob("*.png"))) == 5
 
 
-@pytest.mark.parametrize("argv", [["--num-train", "-1"], ["--classes", "circle,blob"], ["--size", "8", "8"]])
+def test_cli_small_images_get_fitting_shape_sizes(tmp_path: Path, capsys) -> None:
+    assert main(["synthetic", "--out", str(tmp_path), "--num-train", "2", "--num-val", "0",
+                 "--size", "40", "30", "--classes", "2"]) == 0
+    anns = json.loads((tmp_path / "train.json").read_text())["annotations"]
+    assert anns and max(max(a["bbox"][2:]) for a in anns) <= 0.45 * 30 + 1  # diameter, +1 px of raster
+
+
+@pytest.mark.parametrize("argv", [["--num-train", "-1"], ["--classes", "circle,blob"], ["--size", "8", "8"],
+                                  ["--object-size", "30", "10"], ["--long-tail", "0.5"]])
 def test_cli_bad_input_is_one_line(tmp_path: Path, capsys, argv: list[str]) -> None:
     assert main(["synthetic", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

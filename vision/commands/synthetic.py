@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
                         help=f"a count, or comma-separated shape names from: {', '.join(SHAPES)}")
     parser.add_argument("--max-objects", type=int, default=6, help="most shapes per image (default 6)")
+    parser.add_argument("--object-size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="shape diameters in pixels (default 16 to 45%% of the shorter side)")
     parser.add_argument("--long-tail", type=float, default=None, metavar="R",
                         help="first class R times as frequent as the last, geometric in between")
     parser.add_argument("--one-class-per-image", action="store_true",
@@ -39,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         image_size=tuple(args.size),
         classes=classes,
         max_objects=args.max_objects,
+        min_object_size=args.object_size[0] if args.object_size else None,
+        max_object_size=args.object_size[1] if args.object_size else None,
         long_tail=args.long_tail,
         one_class_per_image=args.one_class_per_image,
         seed=args.seed,

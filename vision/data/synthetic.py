@@ -461,7 +461,7 @@ def make_synthetic_dataset(
     long_tail: float | None = None,
     one_class_per_image: bool = False,
     seed: int = 0,
-    min_object_size: float = 16,
+    min_object_size: float | None = None,
     max_object_size: float | None = None,
     max_occlusion: float = 0.5,
     min_visible_pixels: int = 24,
@@ -477,8 +477,9 @@ def make_synthetic_dataset(
     ``classes`` names shapes from ``SHAPES`` or gives how many of them to use, in that order; with
     ``long_tail=R`` the first class is R times as frequent as the last, geometric in between (instances,
     or images when ``one_class_per_image``).  Category ids are 1, 3, 5, ... unless ``contiguous_ids``,
-    because real exports are rarely 1..K and readers must not assume it.  ``max_object_size`` is the
-    largest shape diameter in pixels (default: 45% of the shorter side); ``max_occlusion`` the largest
+    because real exports are rarely 1..K and readers must not assume it.  Shape diameters are drawn
+    log-uniformly between ``min_object_size`` (default 16 px, less on tiny images) and
+    ``max_object_size`` (default 45% of the shorter side); ``max_occlusion`` is the largest
     share of a shape a later one may hide.  ``polygon_fraction`` of the shapes that can be (unoccluded,
     no holes) are written as polygons, the rest as RLE.  Semantic masks hold the contiguous label
     (1..K in category-id order, 0 background, 255 along instance boundaries when
@@ -503,9 +504,10 @@ def make_synthetic_dataset(
     _check(image_format in ("png", "jpg"), f"image_format must be png or jpg, got {image_format!r}")
     max_size = float(max_object_size or 0.45 * min(width, height))
     max_size = min(max_size, min(width, height) - 2.0)
-    _check(4 <= min_object_size <= max_size, f"need 4 <= min_object_size <= {max_size:g}")
+    min_size = float(min(16.0, max_size) if min_object_size is None else min_object_size)
+    _check(4 <= min_size <= max_size, f"need 4 <= min object size <= max, got {min_size:g} and {max_size:g}")
 
-    spec = _Spec(width, height, names, min_objects, max_objects, float(min_object_size), max_size,
+    spec = _Spec(width, height, names, min_objects, max_objects, min_size, max_size,
                  float(max_occlusion), int(min_visible_pixels), float(polygon_fraction), seed)
     cat_ids = tuple(i + 1 if contiguous_ids else 2 * i + 1 for i in range(len(names)))
     categories = [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(cat_ids, names)]
