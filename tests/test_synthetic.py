@@ -219,3 +219,13 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys, argv: list[str]) -> N
     assert main(["synthetic", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_empty_images_and_jpeg(tmp_path: Path) -> None:
+    s = make_synthetic_dataset(tmp_path, num_train=8, num_val=0, image_size=(64, 48), empty_fraction=0.5,
+                               image_format="jpg")
+    gt = COCO(s["train"])
+    assert sum(not gt.getAnnIds(imgIds=[i]) for i in gt.getImgIds()) == 4
+    for im in gt.dataset["images"]:
+        assert im["file_name"].endswith(".jpg")
+        assert cv2.imread(str(Path(s["images_dir"]) / im["file_name"])).shape == (48, 64, 3)
