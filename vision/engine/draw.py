@@ -1,0 +1,42 @@
+"""Predictions drawn on their image (torchvision's drawing utilities), for a person to look at."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from vision.data.records import Categories
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
+
+
+def draw_prediction(
+    image: np.ndarray, prediction: dict[str, torch.Tensor], categories: Categories, score_thresh: float = 0.3
+) -> np.ndarray:
+    """HxWx3 uint8 RGB with boxes labelled ``name score`` (and masks blended in, when there are any)."""
+    keep = prediction["scores"] >= score_thresh
+    boxes, labels, scores = prediction["boxes"][keep], prediction["labels"][keep], prediction["scores"][keep]
+    colors = [_PALETTE[(int(lab) - 1) % len(_PALETTE)] for lab in labels]
+    canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    masks = prediction.get("masks")
+    if masks is not None and keep.any():
+        m = masks[keep]
+        m = (m[:, 0] if m.ndim == 4 else m) >= 0.5
+        canvas = draw_segmentation_masks(canvas, m, alpha=0.45, colors=colors)
+    if len(boxes):
+        text = [f"{categories.name_of(int(lab))} {float(s):.2f}" for lab, s in zip(labels, scores)]
+        width = max(1, round(max(image.shape[:2]) / 400))
+        canvas = draw_bounding_boxes(canvas, boxes, labels=text, colors=colors, width=width)
+    return canvas.permute(1, 2, 0).numpy()
+
+
+def save_drawing(image: np.ndarray, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
