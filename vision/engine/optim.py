@@ -1,0 +1,123 @@
+"""Optimizer and learning-rate schedule.
+
+The schedule is per iteration (one iteration = one optimizer step), because detection recipes are
+stated in iterations and a per-epoch schedule would make the warm-up depend on the data set size.  It
+is a ``torch.optim.lr_scheduler.LambdaLR`` whose lambda is a ``WarmupSchedule`` object: LambdaLR saves
+a callable object's attributes in its ``state_dict``, so the horizon (which a wall-clock budget moves
+while training) comes back on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vision.config import TrainConfig
+from vision.errors import ConfigError
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights, biases and other 1-d parameters (scales, embeddings' gains) take no weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, trainable_later: Iterable[str] = ()
+) -> list[dict[str, object]]:
+    """Decay / no-decay groups.
+
+    Like ``timm.optim.param_groups_weight_decay``, but parameters frozen now and unfrozen later
+    (``trainable_later`` prefixes) are kept in the optimizer, so unfreezing needs no new optimizer and
+    a resumed run has the same parameter groups as the original one.
+    """
+    later = tuple(trainable_later)
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad and not (later and name.startswith(later)):
+            continue
+        (no_decay if _no_decay(name, param) else decay).append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, trainable_later: Iterable[str] = ()
+) -> torch.optim.Optimizer:
+    if cfg.layer_decay is not None:
+        raise ConfigError("train.layer_decay is not supported by the detection trainer; leave it unset")
+    groups = param_groups(model, cfg.weight_decay, trainable_later)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters (check train.freeze / model.frozen_stages)")
+    name = cfg.optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ConfigError(f"train.optimizer={cfg.optimizer!r}: expected sgd or adamw")
+
+
+class WarmupSchedule:
+    """lr factor at iteration ``it``: linear warm-up from ``warmup_factor`` times the main schedule.
+
+    Main schedules over ``total_iters``: ``cosine`` (half a cosine from 1 to 0), ``step`` (times
+    ``gamma`` at each fraction in ``steps``), ``constant``.  The warm-up multiplies the main schedule,
+    as in detectron2, so a short run with a long warm-up still decays.
+    """
+
+    def __init__(
+        self,
+        total_iters: int,
+        schedule: str = "cosine",
+        warmup_iters: int = 0,
+        warmup_factor: float = 0.001,
+        steps: Iterable[float] = (),
+        gamma: float = 0.1,
+    ) -> None:
+        if schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"train.schedule={schedule!r}: expected cosine, step or constant")
+        self.total_iters = max(1, int(total_iters))
+        self.schedule = schedule
+        self.warmup_iters = max(0, int(warmup_iters))
+        self.warmup_factor = float(warmup_factor)
+        self.steps = [float(s) for s in steps]
+        self.gamma = float(gamma)
+
+    def main(self, it: int) -> float:
+        if self.schedule == "cosine":
+            t = min(it, self.total_iters) / self.total_iters
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+        if self.schedule == "step":
+            # A fraction <= 1 is a share of training; a larger value is an absolute iteration.
+            milestones = [round(s * self.total_iters) if s <= 1 else int(s) for s in self.steps]
+            return self.gamma ** sum(it >= m for m in milestones)
+        return 1.0
+
+    def warmup(self, it: int) -> float:
+        if it >= self.warmup_iters:
+            return 1.0
+        alpha = it / self.warmup_iters
+        return self.warmup_factor * (1.0 - alpha) + alpha
+
+    def __call__(self, it: int) -> float:
+        return self.main(it) * self.warmup(it)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_iters: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    schedule = WarmupSchedule(
+        total_iters, cfg.schedule, cfg.warmup_iters, cfg.warmup_factor, cfg.steps, cfg.gamma
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def schedule_of(scheduler: torch.optim.lr_scheduler.LambdaLR) -> WarmupSchedule:
+    return scheduler.lr_lambdas[0]

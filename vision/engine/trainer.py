@@ -1,0 +1,760 @@
+"""The training loop for torchvision-style detectors, driven by ``TrainConfig``.
+
+One iteration is one optimizer step (``grad_accum`` batches).  What makes a run resumable bit-for-bit:
+
+- the sampler's order is a pure function of ``(seed, epoch)`` and restarts at any draw
+  (``set_epoch(epoch, start)``);
+- every sample is drawn with random generators seeded from ``(seed, epoch, rank, position in the
+  epoch)``, so augmentation depends neither on the number of workers nor on where a run was resumed;
+- checkpoints hold the optimizer, scheduler, scaler, EMA, data position and each rank's random
+  generators, and are written only between optimizer steps.
+
+The loop keeps losses on the device and reads them back only when it logs.  The one other host sync
+is the finiteness check before each step: a non-finite loss (or gradient) skips the update with a
+warning, and ``max_bad_steps`` in a row stop training, leaving the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from vision.config import Config, config_to_dict, save_config
+from vision.data.records import DetectionSet
+from vision.engine import distributed as du
+from vision.engine.checkpoint import (
+    CHECKPOINT_VERSION,
+    atomic_copy,
+    atomic_save,
+    load_checkpoint_file,
+    rng_state,
+    set_rng_state,
+)
+from vision.engine.device import (
+    autocast,
+    make_grad_scaler,
+    select_device,
+    set_deterministic,
+    to_device,
+    use_pinned_memory,
+)
+from vision.engine.logging import MetricLogger, console, progress
+from vision.engine.optim import build_optimizer, build_scheduler, schedule_of
+from vision.errors import ConfigError, DataError, VisionError
+
+Hook = Callable[[str, "Trainer"], None]
+Evaluator = Callable[[DetectionSet, dict[int, dict[str, Any]]], dict[str, Any]]
+
+
+class TrainingDiverged(VisionError):
+    """The loss stayed non-finite for ``train.max_bad_steps`` steps in a row."""
+
+
+# Runtime: device, process group, seeds ---------------------------------------------------------------
+
+
+def setup_runtime(cfg: Config) -> tuple[torch.device, du.DistInfo]:
+    """Device, process group (under ``torchrun``), determinism and seeds; call before building the model.
+
+    Every rank seeds the same way, so models built right after start identical (DDP also broadcasts
+    rank 0's weights); rank-specific randomness comes from the per-sample seeds.
+    """
+    device = select_device(cfg.train.device)
+    info = du.init_distributed(device)
+    set_deterministic(cfg.train.deterministic)
+    seed_everything(cfg.train.seed)
+    return device, info
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """A 32-bit seed for one draw, independent of worker count and of where the run was resumed."""
+    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1)[0])
+
+
+def seed_transform(transform: Any, seed: int) -> None:
+    """Reseeds a transform that keeps its own generators (albumentations ``Compose`` does)."""
+    fn = getattr(transform, "set_random_seed", None)
+    if callable(fn):
+        fn(seed)
+        return
+    for part in ("pipeline", "autoaugment"):  # DetectionTransform's parts
+        fn = getattr(getattr(transform, part, None), "set_random_seed", None)
+        if callable(fn):
+            fn(seed)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item ``(epoch, position, index)`` is drawn under its own seed.
+
+    Python's, NumPy's and torch's global generators are seeded for the draw and restored afterwards,
+    so a draw in the main process (``num_workers=0``) leaves the training loop's generators alone.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0):
+        self.dataset = dataset
+        self.seed = seed
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        epoch, position, index = key
+        s = sample_seed(self.seed, epoch, self.rank, position)
+        seed_transform(getattr(self.dataset, "transform", None), s)
+        py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(s)
+        np.random.seed(s)
+        torch.default_generator.manual_seed(s)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.set_rng_state(th)
+
+
+class PositionedSampler(Sampler):
+    """Yields ``(epoch, position, index)`` from an epoch sampler, starting at ``start``."""
+
+    def __init__(self, sampler: Any):
+        self.sampler = sampler
+        self.epoch = 0
+        self.start = 0
+        sampler.set_epoch(0, 0)
+        self.epoch_len = len(sampler)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+        self.sampler.set_epoch(epoch, start)
+        self.epoch_len = len(self.sampler) if hasattr(self.sampler, "__len__") else self.epoch_len
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        for i, index in enumerate(self.sampler):
+            yield (self.epoch, self.start + i, int(index))
+
+    def __len__(self) -> int:
+        return max(0, self.epoch_len - self.start)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader workers: seeded from the loader's generator, one thread each (no oversubscription)."""
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_sampler: Any,
+    num_workers: int,
+    device: torch.device,
+    seed: int,
+    collate_fn: Callable,
+    persistent: bool = True,
+) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=use_pinned_memory(device),
+        persistent_workers=persistent and num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=seed_worker,
+        generator=generator,
+    )
+
+
+# Evaluation -------------------------------------------------------------------------------------------
+
+
+def default_evaluator(with_masks: bool) -> Evaluator:
+    from vision.engine.coco_eval import evaluate_detections
+
+    iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+
+    def evaluate(det_set: DetectionSet, predictions: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        return evaluate_detections(det_set, predictions, iou_types)
+
+    return evaluate
+
+
+def _to_original_size(pred: dict[str, torch.Tensor], image: torch.Tensor, width: int, height: int) -> dict:
+    """Predictions on the (possibly resized) input image -> the record's own pixel grid."""
+    out = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in pred.items()}
+    h, w = image.shape[-2:]
+    if (w, h) == (width, height):
+        return out
+    sx, sy = width / w, height / h
+    out["boxes"] = out["boxes"] * torch.tensor([sx, sy, sx, sy])
+    if "masks" in out and len(out["masks"]):
+        out["masks"] = nn.functional.interpolate(out["masks"], size=(height, width), mode="bilinear")
+    return out
+
+
+@torch.inference_mode()
+def predict_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    det_set: DetectionSet,
+    device: torch.device,
+    *,
+    batch_size: int = 2,
+    num_workers: int = 0,
+    amp: bool = False,
+    show_progress: bool = True,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Runs the model over this rank's share of ``dataset``; all ranks' predictions gathered on each."""
+    from vision.data.dataset import collate_detection
+
+    info = du.dist_info()
+    indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
+    sizes = {r.image_id: (r.width, r.height) for r in det_set.records}
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    loader = make_loader(dataset, batches, num_workers, device, 0, collate_detection, persistent=False)
+    was_training = model.training
+    model.eval()
+    preds: dict[int, dict[str, torch.Tensor]] = {}
+    bar = progress(len(batches), 0, "eval", show_progress and info.is_main)
+    try:
+        for images, targets in loader:
+            images, _ = to_device(images, None, device)
+            with autocast(device, amp):
+                outputs = model(images)
+            for img, tgt, out in zip(images, targets, outputs):
+                image_id = int(tgt["image_id"])
+                w, h = sizes.get(image_id, (img.shape[-1], img.shape[-2]))
+                preds[image_id] = _to_original_size(out, img, w, h)
+            bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if info.enabled:
+        merged: dict[int, dict[str, torch.Tensor]] = {}
+        for part in du.all_gather_object(preds):
+            merged.update(part)
+        preds = merged
+    return preds
+
+
+def box_ap(metrics: dict[str, Any] | None) -> float:
+    if not metrics:
+        return float("nan")
+    return float(metrics.get("bbox", {}).get("AP", float("nan")))
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"bbox": {"AP": ..}, "segm": {..}}`` -> ``{"bbox_AP": .., "segm_AP": ..}`` for logging."""
+    out: dict[str, float] = {}
+    for iou_type in ("bbox", "segm"):
+        for key, value in (metrics.get(iou_type) or {}).items():
+            if isinstance(value, (int, float)):
+                out[f"{iou_type}_{key}"] = float(value)
+    return out
+
+
+# The trainer ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    """Where a run is; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch being trained (0-based)
+    batch: int = 0  # batches of this epoch consumed on each rank
+    iteration: int = 0  # optimizer steps taken (skipped ones included)
+    best_ap: float = float("-inf")  # pycocotools reports -1 when nothing was detected: still a "best"
+    best_iteration: int = -1
+    elapsed_s: float = 0.0  # training wall time before this process started
+
+
+class Trainer:
+    """Trains ``model`` on ``train_dataset`` and evaluates on ``val_dataset`` / ``val_set``.
+
+    The parts are passed in (``train()`` builds them from a config), so a test or a tool can swap
+    any of them.  Call ``setup_runtime(cfg)`` before building the model.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        model: nn.Module,
+        train_set: DetectionSet,
+        train_dataset: Dataset,
+        val_set: DetectionSet | None = None,
+        val_dataset: Dataset | None = None,
+        sampler: Any = None,
+        evaluator: Evaluator | None = None,
+        collate_fn: Callable | None = None,
+        hooks: Sequence[Hook] = (),
+    ):
+        self.cfg = cfg
+        self.tcfg = tcfg = cfg.train
+        self.run_dir = Path(run_dir)
+        self.device = select_device(tcfg.device)
+        self.dist = du.init_distributed(self.device)
+        self.hooks = list(hooks)
+        self.train_set, self.val_set = train_set, val_set
+        self.val_dataset = val_dataset
+        self.class_names = list(train_set.categories.names)
+        self.evaluator = evaluator
+        if tcfg.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {tcfg.grad_accum}")
+        if cfg.data.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+
+        self.model = model.to(self.device)
+        self.frozen_prefixes = tuple(p.strip() for p in (tcfg.freeze or "").split(",") if p.strip())
+        self._set_frozen(True if self.frozen_prefixes else None)
+        later = self.frozen_prefixes if tcfg.unfreeze_at is not None else ()
+        self.optimizer = build_optimizer(self.model, tcfg, later)
+        self.scaler = make_grad_scaler(self.device, tcfg.amp)
+        self.ema = self._make_ema() if tcfg.ema else None
+        self.ddp_model = du.wrap_ddp(self.model, self.device)
+
+        if collate_fn is None:
+            from vision.data.dataset import collate_detection as collate_fn
+        if sampler is None:
+            sampler = self._default_sampler()
+        self.positions = PositionedSampler(sampler)
+        self.loader = make_loader(
+            SeededSamples(train_dataset, tcfg.seed, self.dist.rank),
+            BatchSampler(self.positions, cfg.data.batch_size, drop_last=False),
+            cfg.data.num_workers,
+            self.device,
+            tcfg.seed,
+            collate_fn,
+        )
+        self.batches_per_epoch = math.ceil(self.positions.epoch_len / cfg.data.batch_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(train_set.source or "training set", "no training images")
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / tcfg.grad_accum)
+        self.planned_iters = (
+            tcfg.max_iters if tcfg.max_iters is not None else max(1, tcfg.epochs) * self.steps_per_epoch
+        )
+        self.scheduler = build_scheduler(self.optimizer, tcfg, self.planned_iters)
+        self.pos = Position()
+        self.bad_steps = 0
+        self.last_metrics: dict[str, Any] | None = None
+        self.resumed_from: Path | None = None
+        self._last_eval_iter = -1
+        self._group_loss = torch.zeros((), device=self.device)
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._log_count = 0
+        self._log_images = 0
+        self._log_time = time.monotonic()
+        self._start_iter = 0
+        self._start_time = time.monotonic()
+        self.logger: MetricLogger | None = None
+
+    # parts ----------------------------------------------------------------------------------------
+
+    def _default_sampler(self) -> Any:
+        from vision.data.samplers import build_sampler
+
+        d = self.cfg.data
+        return build_sampler(
+            d.sampler, self.train_set.labels_per_image(), num_replicas=self.dist.world_size,
+            rank=self.dist.rank, seed=self.tcfg.seed, shuffle=True, epoch_length=d.epoch_length,
+            class_cap=d.class_cap, repeat_threshold=d.repeat_threshold,
+        )
+
+    def _make_ema(self) -> nn.Module:
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.model, decay=self.tcfg.ema_decay, use_warmup=self.tcfg.ema_warmup)
+
+    def _set_frozen(self, frozen: bool | None) -> None:
+        if frozen is None:
+            return
+        for name, param in self.model.named_parameters():
+            if name.startswith(self.frozen_prefixes):
+                param.requires_grad_(not frozen)
+
+    def _maybe_unfreeze(self) -> None:
+        at = self.tcfg.unfreeze_at
+        if not self.frozen_prefixes or at is None or self.pos.epoch < at:
+            return
+        if all(p.requires_grad for n, p in self.model.named_parameters() if n.startswith(self.frozen_prefixes)):
+            return
+        self._set_frozen(False)
+        self.ddp_model = du.wrap_ddp(self.model, self.device)  # DDP fixes its parameter set at wrap time
+        if self.dist.is_main:
+            console(f"epoch {self.pos.epoch}: unfroze {', '.join(self.frozen_prefixes)}")
+
+    @property
+    def total_iters(self) -> int:
+        return schedule_of(self.scheduler).total_iters
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and exported: the EMA when it is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _hook(self, event: str) -> None:
+        for hook in self.hooks:
+            hook(event, self)
+
+    # checkpoints ----------------------------------------------------------------------------------
+
+    def checkpoint(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        ckpt: dict[str, Any] = {
+            "model": self.eval_model().state_dict(),
+            "config": config_to_dict(self.cfg),
+            "class_names": self.class_names,
+            "arch": self.cfg.model.arch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": {**asdict(self.pos), "world_size": self.dist.world_size},
+            "rng": rng,
+            "version": CHECKPOINT_VERSION,
+        }
+        if self.ema is not None:
+            ckpt["model_raw"] = self.model.state_dict()
+        if self.scaler.is_enabled():
+            ckpt["scaler"] = self.scaler.state_dict()
+        if self.last_metrics is not None:
+            ckpt["metrics"] = {"bbox": dict(self.last_metrics.get("bbox", {}))}
+        return ckpt
+
+    def save(self, best: bool = False) -> None:
+        """Writes ``last.pt`` (and ``best.pt``); a collective call, rank 0 writes."""
+        rng = du.all_gather_object(rng_state())
+        if self.dist.is_main:
+            last = self.run_dir / "last.pt"
+            atomic_save(self.checkpoint(rng), last)
+            if best:
+                atomic_copy(last, self.run_dir / "best.pt")
+        self._hook("checkpoint")
+
+    def resume(self, path: str | Path) -> None:
+        """Restores everything ``save`` wrote; the next step is the one the saved run would have taken."""
+        ckpt = load_checkpoint_file(path)
+        if "optimizer" not in ckpt or "state" not in ckpt:
+            raise DataError(path, "not a training checkpoint (no optimizer state); use it as --weights instead")
+        try:
+            self.model.load_state_dict(ckpt.get("model_raw", ckpt["model"]))
+            if self.ema is not None:
+                self.ema.module.load_state_dict(ckpt["model"] if "model_raw" in ckpt else self.model.state_dict())
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise DataError(path, f"does not fit this config's model ({str(e).splitlines()[0][:200]})") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler.is_enabled() and "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        state = dict(ckpt["state"])
+        saved_world = int(state.pop("world_size", 1))
+        self.pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
+        rng = ckpt.get("rng") or []
+        if saved_world == self.dist.world_size and len(rng) == self.dist.world_size:
+            set_rng_state(rng[self.dist.rank])
+        else:
+            if self.dist.is_main:
+                console(
+                    f"warning: {path} was written by {saved_world} process(es), this run has "
+                    f"{self.dist.world_size}: the data order continues, random draws will differ"
+                )
+            seed_everything(self.tcfg.seed + self.pos.iteration + self.dist.rank)
+        if self.pos.batch and saved_world != self.dist.world_size:
+            self.pos.batch = 0  # shares of an epoch differ with the world size: start the next epoch
+            self.pos.epoch += 1
+        self.last_metrics = ckpt.get("metrics")
+        self.resumed_from = Path(path)
+
+    # the loop -------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Trains to the end of the schedule; returns a summary (also on every rank)."""
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.logger = MetricLogger(
+            self.run_dir, main, resume_iter=self.pos.iteration if self.resumed_from else None
+        )
+        self._start_iter = self.pos.iteration
+        self._start_time = time.monotonic()
+        self._log_time = self._start_time
+        stopped_early = False
+        try:
+            self._hook("start")
+            while self.pos.iteration < self.total_iters:
+                self._maybe_unfreeze()
+                finished_epoch = self._train_epoch()
+                if not finished_epoch:
+                    break
+                self.pos.epoch += 1
+                self.pos.batch = 0
+                every = self.tcfg.eval_every
+                due = every > 0 and self.pos.epoch % every == 0
+                improved = self._evaluate() if due else False
+                self.save(best=improved)
+                self._hook("epoch")
+            if self._last_eval_iter != self.pos.iteration:
+                improved = self._evaluate()
+                self.save(best=improved)
+        except TrainingDiverged:
+            stopped_early = True
+            raise
+        finally:
+            self.logger.close()
+            if not stopped_early:
+                self._hook("end")
+        return self.summary()
+
+    def _elapsed(self) -> float:
+        return self.pos.elapsed_s + (time.monotonic() - self._start_time)
+
+    def _train_epoch(self) -> bool:
+        """Trains from the current position to the end of the epoch; False when the schedule ended."""
+        A, B = self.tcfg.grad_accum, self.batches_per_epoch
+        bs = self.cfg.data.batch_size
+        self.positions.set_epoch(self.pos.epoch, self.pos.batch * bs)
+        self.model.train()
+        bar = progress(
+            self.steps_per_epoch, self.pos.batch // A, f"epoch {self.pos.epoch + 1}", self.dist.is_main
+        )
+        self._bar = bar
+        try:
+            for images, targets in self.loader:
+                if self.pos.batch >= B:
+                    break
+                b = self.pos.batch
+                group_start = (b // A) * A
+                group_size = min(A, B - group_start)
+                last_in_group = b - group_start == group_size - 1
+                self._forward_backward(images, targets, group_size, last_in_group)
+                self.pos.batch += 1
+                if last_in_group:
+                    self._optimizer_step()
+                    bar.update(1)
+                    if self.pos.iteration >= self.total_iters:
+                        return self.pos.batch >= B
+                    every = self.tcfg.ckpt_every_iters
+                    if every and self.pos.iteration % every == 0 and self.pos.batch < B and not self.bad_steps:
+                        self.save()
+            self.pos.batch = B
+            return True
+        finally:
+            bar.close()
+
+    def _forward_backward(self, images: list, targets: list, group_size: int, sync: bool) -> None:
+        images, targets = to_device(images, targets, self.device)
+        no_sync = getattr(self.ddp_model, "no_sync", None)
+        ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        with ctx:
+            with autocast(self.device, self.tcfg.amp):
+                losses = self.ddp_model(images, targets)
+            loss = sum(v.float() for v in losses.values())
+            self.scaler.scale(loss / group_size).backward()
+        self._group_loss += loss.detach()
+        for k, v in losses.items():
+            acc = self._log_sums.get(k)
+            v = v.detach().float()
+            self._log_sums[k] = v if acc is None else acc + v
+        self._log_images += len(images)
+
+    def _optimizer_step(self) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = (
+            torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=self.device)
+        )
+        ok = torch.isfinite(self._group_loss)
+        if not self.scaler.is_enabled():  # with a scaler, overflowing gradients are its business
+            ok = ok & torch.isfinite(grad_norm)
+        ok = bool(du.all_true(ok))  # the step's one host sync
+        stepped = False
+        if ok:
+            if self.tcfg.clip_grad:
+                torch.nn.utils.clip_grads_with_norm_(params, self.tcfg.clip_grad, grad_norm)
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            stepped = True
+            self.bad_steps = 0
+            acc = self._log_sums.get("grad_norm")
+            self._log_sums["grad_norm"] = grad_norm.detach() if acc is None else acc + grad_norm.detach()
+        else:
+            self.bad_steps += 1
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.pos.iteration += 1
+        if stepped and self.ema is not None:
+            self.ema.update(self.model, step=self.pos.iteration)
+        self._group_loss = torch.zeros((), device=self.device)
+        self._log_count += 1
+        if not ok:
+            self._on_bad_step()
+        self._hook("step")
+        if self.pos.iteration % max(1, self.tcfg.log_every) == 0:
+            self._log_train()
+
+    def _on_bad_step(self) -> None:
+        limit = self.tcfg.max_bad_steps
+        if self.dist.is_main:
+            console(
+                f"warning: iteration {self.pos.iteration}: loss or gradient is not finite; "
+                f"update skipped ({self.bad_steps}/{limit} in a row)"
+            )
+        if self.logger is not None:
+            self.logger.log("skip", self.pos.iteration, {"bad_steps": self.bad_steps})
+        if self.bad_steps >= limit:
+            last = self.run_dir / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"training stopped at iteration {self.pos.iteration}: the loss was not finite for "
+                f"{self.bad_steps} steps in a row (lower train.lr, set train.clip_grad, or check the data); "
+                f"{kept}"
+            )
+
+    def _log_train(self) -> None:
+        now = time.monotonic()
+        keys = sorted(self._log_sums)
+        values: dict[str, float] = {}
+        if keys and self._log_count:
+            vec = torch.stack([self._log_sums[k].reshape(()) for k in keys]) / self._log_count
+            vec = du.all_reduce_mean(vec)
+            values = dict(zip(keys, vec.tolist()))  # the logging-time host sync
+        loss_keys = [k for k in keys if k != "grad_norm"]
+        values["loss"] = sum(values[k] for k in loss_keys) if loss_keys else float("nan")
+        dt = max(now - self._log_time, 1e-9)
+        values["images_per_s"] = self._log_images * self.dist.world_size / dt
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        self._update_horizon()
+        if self.logger is not None:
+            self.logger.log("train", self.pos.iteration, values, epoch=self.pos.epoch)
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}", refresh=False)
+        self._log_sums, self._log_count, self._log_images, self._log_time = {}, 0, 0, now
+
+    def _update_horizon(self) -> None:
+        """With ``time_budget_min``, the cosine horizon is where the measured speed ends the budget."""
+        budget = self.tcfg.time_budget_min
+        if budget is None:
+            return
+        done = self.pos.iteration - self._start_iter
+        spent_here = time.monotonic() - self._start_time
+        horizon = self.total_iters
+        if done > 0 and spent_here > 0:
+            remaining = budget * 60.0 - self._elapsed()
+            estimate = self.pos.iteration + max(0.0, remaining) * done / spent_here
+            horizon = max(self.pos.iteration, min(self.planned_iters, int(estimate)))
+        horizon = int(du.broadcast_object(horizon))
+        schedule_of(self.scheduler).total_iters = max(1, horizon)
+
+    def _evaluate(self) -> bool:
+        """Evaluates the eval weights; returns whether box AP improved on the best so far."""
+        self._last_eval_iter = self.pos.iteration
+        self.pos.elapsed_s = self._elapsed()
+        if self.val_set is None or self.val_dataset is None or len(self.val_set) == 0:
+            return False
+        if self.evaluator is None:
+            self.evaluator = default_evaluator(self.cfg.data.with_masks)
+        preds = predict_dataset(
+            self.eval_model(), self.val_dataset, self.val_set, self.device,
+            batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.num_workers, amp=self.tcfg.amp,
+        )
+        metrics = self.evaluator(self.val_set, preds) if self.dist.is_main else None
+        metrics = du.broadcast_object(metrics)
+        self.last_metrics = metrics
+        ap = box_ap(metrics)
+        improved = math.isfinite(ap) and ap > self.pos.best_ap
+        if improved:
+            self.pos.best_ap, self.pos.best_iteration = ap, self.pos.iteration
+        if self.dist.is_main:
+            flat = flat_metrics(metrics)
+            if self.logger is not None:
+                self.logger.log("eval", self.pos.iteration, flat, epoch=self.pos.epoch)
+            console(
+                f"epoch {self.pos.epoch} iter {self.pos.iteration}: box AP {ap:.4f} "
+                f"AP50 {flat.get('bbox_AP50', float('nan')):.4f} (best {self.pos.best_ap:.4f})"
+            )
+        self.model.train()
+        self._log_time = time.monotonic()  # throughput excludes evaluation
+        return improved
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "iterations": self.pos.iteration,
+            "epochs": self.pos.epoch + self.pos.batch / self.batches_per_epoch,
+            "seconds": round(self._elapsed(), 1),
+            "box_ap": box_ap(self.last_metrics),
+            "best_ap": self.pos.best_ap if self.pos.best_iteration >= 0 else None,
+            "best_iteration": self.pos.best_iteration,
+            "metrics": self.last_metrics,
+        }
+
+
+# From a config ----------------------------------------------------------------------------------------
+
+
+def build_trainer(cfg: Config, run_dir: str | Path, hooks: Sequence[Hook] = ()) -> Trainer:
+    """Data sets, model and trainer from a config (fills ``model.num_classes`` from the data)."""
+    setup_runtime(cfg)
+    from vision.data.build import build_datasets
+    from vision.data.dataset import DetectionDataset
+    from vision.data.transforms import build_eval_transform, build_train_transform
+    from vision.models import build_model
+
+    train_set, val_set = build_datasets(cfg)
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = len(train_set.categories)
+    elif cfg.model.num_classes < len(train_set.categories):
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the training set has "
+            f"{len(train_set.categories)} classes"
+        )
+    d = cfg.data
+    train_ds = DetectionDataset(train_set, build_train_transform(d.augment), d.with_masks, d.skip_difficult)
+    val_ds = DetectionDataset(val_set, build_eval_transform(), d.with_masks, d.skip_difficult)
+    model = build_model(cfg.model)
+    return Trainer(
+        cfg, run_dir, model=model, train_set=train_set, train_dataset=train_ds, val_set=val_set,
+        val_dataset=val_ds, hooks=hooks,
+    )
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def train(
+    cfg: Config, run_dir: str | Path | None = None, resume: str | Path | None = None, hooks: Sequence[Hook] = ()
+) -> dict[str, Any]:
+    """``vision train`` without the command line: build, optionally resume, fit; returns the summary."""
+    from vision.engine.checkpoint import resolve_resume
+
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_of(cfg)
+    trainer = build_trainer(cfg, run_dir, hooks)
+    if resume is not None:
+        trainer.resume(resolve_resume(resume, run_dir))
+    return trainer.fit()
