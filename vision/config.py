@@ -106,6 +106,7 @@ class TrainConfig:
     amp: bool = False
     ema: bool = False
     ema_decay: float = 0.9998
+    ema_warmup: bool = True  # timm's decay warm-up: short runs average recent weights, not the init
     eval_every: int = 1
     ckpt_every_iters: int = 500
     log_every: int = 20
