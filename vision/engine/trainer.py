@@ -510,7 +510,8 @@ class Trainer:
                 every = self.tcfg.eval_every
                 due = every > 0 and self.pos.epoch % every == 0
                 improved = self._evaluate() if due else False
-                self.save(best=improved)
+                if not self.bad_steps:  # in a streak of non-finite losses the last good checkpoint stays
+                    self.save(best=improved)
                 self._hook("epoch")
             if self._last_eval_iter != self.pos.iteration:
                 improved = self._evaluate()
