@@ -180,20 +180,32 @@ def mask_boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def transform_boxes(boxes: np.ndarray, matrix: np.ndarray, h: int, w: int) -> np.ndarray:
-    """The box around each box's transformed corners, clipped to the image.
+    """The box around each box's transformed corners, after cutting that quadrilateral to the image.
 
-    Boxes are in continuous coordinates (pixel i spans [i, i+1]) while the matrix maps pixel
-    centres, hence the half-pixel shifts.
+    Cutting the quadrilateral before taking its box (rather than clipping the box) keeps a rotated or
+    sheared box that pokes out of the image tight around the part that is still inside.  Boxes are in
+    continuous coordinates (pixel i spans [i, i+1]) while the matrix maps pixel centres, hence the
+    half-pixel shifts.  A box wholly outside comes back empty.
     """
     if len(boxes) == 0:
         return boxes.astype(np.float32)
     x1, y1, x2, y2 = (boxes[:, i].astype(np.float64) - 0.5 for i in range(4))
-    xs = np.stack([x1, x2, x1, x2], 1)
+    xs = np.stack([x1, x2, x2, x1], 1)  # corners in polygon order
     ys = np.stack([y1, y1, y2, y2], 1)
     a = matrix
     tx = a[0, 0] * xs + a[0, 1] * ys + a[0, 2] + 0.5
     ty = a[1, 0] * xs + a[1, 1] * ys + a[1, 2] + 0.5
     out = np.stack([tx.min(1), ty.min(1), tx.max(1), ty.max(1)], 1)
+    outside = (out[:, 0] < 0) | (out[:, 1] < 0) | (out[:, 2] > w) | (out[:, 3] > h)
+    frame = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
+    for i in np.flatnonzero(outside):
+        quad = np.stack([tx[i], ty[i]], 1).astype(np.float32)
+        area, poly = cv2.intersectConvexConvex(quad, frame)
+        if area <= 0 or poly is None:
+            out[i] = 0.0
+            continue
+        poly = poly.reshape(-1, 2)
+        out[i] = (poly[:, 0].min(), poly[:, 1].min(), poly[:, 0].max(), poly[:, 1].max())
     out[:, 0::2] = out[:, 0::2].clip(0, w)
     out[:, 1::2] = out[:, 1::2].clip(0, h)
     return out.astype(np.float32)
