@@ -1,0 +1,116 @@
+"""RetinaNet, Faster R-CNN and Mask R-CNN: torchvision's detectors on a timm backbone + FPN.
+
+Heads, anchors, box coding, losses, the resize/normalise transform and post-processing are
+torchvision's own; this module only translates a ``ModelConfig`` into their constructor arguments.
+``num_classes`` in the config counts object classes; torchvision counts the background too, so the
+builders pass ``num_classes + 1`` (label 0 stays background, labels 1..K are the classes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from vision.config import ModelConfig
+from vision.errors import ConfigError
+from vision.models.backbone import TimmFPNBackbone, build_backbone
+
+# torchvision's default anchors (retinanet.py and faster_rcnn.py `_default_anchorgen`)
+RETINANET_ANCHOR_SIZES = [[x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))] for x in [32, 64, 128, 256, 512]]
+RCNN_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
+
+
+def _backbone(cfg: ModelConfig, levels: str) -> TimmFPNBackbone:
+    return build_backbone(
+        cfg.backbone,
+        fpn_channels=cfg.fpn_channels,
+        levels=levels,
+        out_indices=cfg.out_indices,
+        pretrained=cfg.pretrained,
+        frozen_stages=cfg.frozen_stages,
+        frozen_bn=cfg.frozen_bn,
+    )
+
+
+def _num_classes(cfg: ModelConfig) -> int:
+    if cfg.num_classes <= 0:
+        raise ConfigError(
+            f"model.num_classes is {cfg.num_classes}: set it to the number of object classes "
+            "(background excluded), or let the data set fill it in"
+        )
+    return cfg.num_classes + 1
+
+
+def _anchor_generator(cfg: ModelConfig, default_sizes: list[list[int]], num_levels: int) -> AnchorGenerator:
+    sizes = cfg.anchor_sizes if cfg.anchor_sizes is not None else default_sizes
+    if len(sizes) != num_levels:
+        raise ConfigError(
+            f"model.anchor_sizes has {len(sizes)} levels but the feature pyramid has {num_levels}: "
+            "give one list of sizes per level"
+        )
+    ratios = tuple(float(r) for r in cfg.aspect_ratios)
+    return AnchorGenerator(tuple(tuple(int(s) for s in level) for level in sizes), (ratios,) * len(sizes))
+
+
+def _transform_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    # several min sizes: torchvision's transform picks one at random per batch in training
+    return dict(min_size=tuple(int(s) for s in cfg.min_size), max_size=int(cfg.max_size))
+
+
+def _set(kwargs: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        kwargs[key] = value
+
+
+def build_retinanet(cfg: ModelConfig) -> RetinaNet:
+    """RetinaNet on P3-P7 (P6 from P5 when the channel counts match, as ``retinanet_resnet50_fpn``)."""
+    backbone = _backbone(cfg, "retinanet")
+    kwargs: dict[str, Any] = _transform_kwargs(cfg)
+    kwargs["anchor_generator"] = _anchor_generator(cfg, RETINANET_ANCHOR_SIZES, len(backbone.featmap_names) + 2)
+    _set(kwargs, "score_thresh", cfg.score_thresh)
+    _set(kwargs, "nms_thresh", cfg.nms_thresh)
+    _set(kwargs, "detections_per_img", cfg.detections_per_img)
+    kwargs.update(cfg.kwargs)
+    return RetinaNet(backbone, _num_classes(cfg), **kwargs)
+
+
+def _rcnn_kwargs(cfg: ModelConfig, backbone: TimmFPNBackbone) -> dict[str, Any]:
+    kwargs: dict[str, Any] = _transform_kwargs(cfg)
+    kwargs["rpn_anchor_generator"] = _anchor_generator(cfg, RCNN_ANCHOR_SIZES, len(backbone.featmap_names) + 1)
+    kwargs["box_roi_pool"] = MultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2)
+    _set(kwargs, "box_score_thresh", cfg.score_thresh)
+    _set(kwargs, "box_nms_thresh", cfg.nms_thresh)
+    _set(kwargs, "box_detections_per_img", cfg.detections_per_img)
+    return kwargs
+
+
+def build_faster_rcnn(cfg: ModelConfig) -> FasterRCNN:
+    """Faster R-CNN on P2-P6 (P6 by max-pool, used by the RPN only), as ``fasterrcnn_resnet50_fpn``."""
+    backbone = _backbone(cfg, "rcnn")
+    kwargs = _rcnn_kwargs(cfg, backbone)
+    kwargs.update(cfg.kwargs)
+    return FasterRCNN(backbone, _num_classes(cfg), **kwargs)
+
+
+def build_mask_rcnn(cfg: ModelConfig) -> MaskRCNN:
+    """Mask R-CNN on P2-P6, as ``maskrcnn_resnet50_fpn``."""
+    backbone = _backbone(cfg, "rcnn")
+    kwargs = _rcnn_kwargs(cfg, backbone)
+    kwargs["mask_roi_pool"] = MultiScaleRoIAlign(backbone.featmap_names, output_size=14, sampling_ratio=2)
+    kwargs.update(cfg.kwargs)
+    return MaskRCNN(backbone, _num_classes(cfg), **kwargs)
+
+
+def detection_arch(model: nn.Module) -> str | None:
+    """Which detector a model is, from its class (None for anything else)."""
+    if isinstance(model, MaskRCNN):
+        return "mask_rcnn"
+    if isinstance(model, FasterRCNN):
+        return "faster_rcnn"
+    if isinstance(model, RetinaNet):
+        return "retinanet"
+    return None
