@@ -48,6 +48,7 @@ class AugmentConfig:
     crop: float = 0.0
     color_jitter: float = 0.0
     autoaugment: Any = None  # None, a policy name ("v0".."v3"), or a list of sub-policies
+    autoaugment_reference_size: int | None = None  # scale AutoAugment's pixel constants (set for ~640 px)
 
 
 @dataclass

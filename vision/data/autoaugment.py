@@ -12,6 +12,7 @@ operations themselves, and where they depart from the release, are in ``autoaugm
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -163,6 +164,9 @@ def apply_operation(
 class DetectionAutoAugment:
     """A detection AutoAugment policy, callable on ``{"image", "boxes", "labels"[, "masks"]}``.
 
+    ``reference_size`` (config ``data.augment.autoaugment_reference_size``) rescales the policies'
+    pixel constants, which were set for ~640 px images, to min(H, W) / reference_size.
+
     Instances that a geometric operation pushes out of the image are dropped from boxes, labels and
     masks together.  With ``seed`` set the draws are reproducible; inside DataLoader workers the
     generator is re-seeded from the worker's torch seed too, so workers and epochs differ (and are
@@ -170,10 +174,13 @@ class DetectionAutoAugment:
     """
 
     def __init__(self, policy: str | Sequence[Any] = "v0", seed: int | None = None,
-                 hparams: AutoAugmentHparams | None = None):
+                 hparams: AutoAugmentHparams | None = None, *, reference_size: int | None = None):
         self.policy = parse_policy(policy)
         self.seed = seed
-        self.hparams = hparams or AutoAugmentHparams()
+        hparams = hparams or AutoAugmentHparams()
+        if reference_size is not None:
+            hparams = dataclasses.replace(hparams, reference_size=reference_size)
+        self.hparams = hparams
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple[int, int | None] | None = None
 
@@ -189,6 +196,11 @@ class DetectionAutoAugment:
             self._rng = np.random.default_rng(entropy or None)
             self._rng_key = key
         return self._rng
+
+    def set_random_seed(self, seed: int) -> None:
+        """Reseeds the draws, so that a sample can be drawn under its own seed wherever it is drawn."""
+        self._generator()
+        self._rng = np.random.default_rng(seed)
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         rng = rng if rng is not None else self._generator()
