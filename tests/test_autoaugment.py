@@ -49,7 +49,7 @@ def _check_consistent(out: dict, geometric: bool, occluding: bool) -> None:
     """Boxes, labels and masks agree with each other and with where each instance's colour is."""
     n = len(out["labels"])
     assert out["boxes"].shape == (n, 4) and out["masks"].shape == (n, H, W)
-    assert out["image"].shape == (H, W, 3) and out["image"].dtype == np.uint8
+    assert out["image"].shape == (H, W, 3) and out["image"].dtype == np.uint8 and out["image"].flags.writeable
     for box, mask, label in zip(out["boxes"], out["masks"], out["labels"]):
         assert mask.any()
         np.testing.assert_allclose(box, _tight(mask), atol=1)

@@ -74,12 +74,12 @@ def _pil(image: np.ndarray) -> Image.Image:
 
 
 def autocontrast(image: np.ndarray) -> np.ndarray:
-    return np.asarray(ImageOps.autocontrast(_pil(image)))
+    return np.array(ImageOps.autocontrast(_pil(image)))
 
 
 def equalize(image: np.ndarray) -> np.ndarray:
     # PIL's equalize, which the release reproduces (albumentations' "pil" mode shifts the LUT by one bin).
-    return np.asarray(ImageOps.equalize(_pil(image)))
+    return np.array(ImageOps.equalize(_pil(image)))
 
 
 def posterize(image: np.ndarray, bits: int) -> np.ndarray:
@@ -103,7 +103,7 @@ def solarize_add(image: np.ndarray, addition: int, threshold: int = 128) -> np.n
 
 def _enhance(kind: type) -> Callable[[np.ndarray, float], np.ndarray]:
     def op(image: np.ndarray, factor: float) -> np.ndarray:
-        return np.asarray(kind(_pil(image)).enhance(factor))
+        return np.array(kind(_pil(image)).enhance(factor))
 
     return op
 
