@@ -116,7 +116,7 @@ def build_train_transform(cfg: AugmentConfig) -> DetectionTransform:
     if cfg.autoaugment:
         from vision.data.autoaugment import DetectionAutoAugment
 
-        autoaugment = DetectionAutoAugment(cfg.autoaugment)
+        autoaugment = DetectionAutoAugment(cfg.autoaugment, reference_size=cfg.autoaugment_reference_size)
     return DetectionTransform(_albumentations_ops(cfg), autoaugment)
 
 
