@@ -1,0 +1,215 @@
+"""NMS, soft-NMS and score-sum NMS, vectorised across classes.
+
+Each algorithm is sequential within a class (a box's fate depends on the boxes kept before it) but
+independent across classes, so every class advances in lock-step: step ``k`` handles the k-th box of
+all classes with array operations.  Inputs are prepared and ordered exactly as ensemble-boxes'
+``nms_method`` does (clip to [0, 1], reorder corners, drop zero-area boxes, classes in sorted order,
+Numba's quicksort order among tied scores), and IoUs use its expression order, so kept boxes match it
+one for one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+from vision.ensemble._sort import grouped_descending_order, numba_quicksort_argsort
+
+
+class Prepared(NamedTuple):
+    """Boxes concatenated over models after ensemble-boxes' ``prepare_boxes``."""
+
+    boxes: np.ndarray  # (N, 4), input dtype
+    scores: np.ndarray  # (N,), weighted
+    labels: np.ndarray  # (N,)
+    source: np.ndarray  # (N,) index into the concatenation of all inputs
+
+
+def _as_2d(b) -> np.ndarray:
+    a = np.asarray(b)
+    return a.reshape(-1, 4) if a.size == 0 else a
+
+
+def prepare(boxes_list, scores_list, labels_list, weights, normalise_weights: bool = True) -> Prepared:
+    """Weight scores, concatenate models, clip and reorder corners, drop zero-area boxes."""
+    if len(scores_list) != len(boxes_list) or len(labels_list) != len(boxes_list):
+        raise ValueError("boxes_list, scores_list and labels_list must have one entry per model")
+    scores_list = list(scores_list)
+    if weights is not None:
+        if len(boxes_list) != len(weights):
+            warnings.warn(
+                f"incorrect number of weights: {len(weights)}, must be {len(boxes_list)}; ignored", stacklevel=3
+            )
+        else:
+            w = np.array(weights)
+            for i in range(len(w)):
+                scores_list[i] = (np.array(scores_list[i]) * w[i]) / w.sum()
+    for t in range(len(boxes_list)):
+        if not (len(boxes_list[t]) == len(scores_list[t]) == len(labels_list[t])):
+            raise ValueError(f"model {t}: boxes, scores and labels differ in length")
+    if len(boxes_list) == 0:
+        return Prepared(np.zeros((0, 4)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+    boxes = np.concatenate([_as_2d(b) for b in boxes_list])
+    scores = np.concatenate([np.asarray(s).reshape(-1) for s in scores_list])
+    labels = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels_list])
+    b = boxes.copy()
+    if (b < 0).any() or (b > 1).any():
+        warnings.warn("box coordinates outside [0, 1] were clipped", stacklevel=3)
+    b[b < 0] = 0
+    b[b > 1] = 1
+    fixed = b.copy()
+    fixed[:, 0] = np.min(b[:, [0, 2]], axis=1)
+    fixed[:, 2] = np.max(b[:, [0, 2]], axis=1)
+    fixed[:, 1] = np.min(b[:, [1, 3]], axis=1)
+    fixed[:, 3] = np.max(b[:, [1, 3]], axis=1)
+    area = (fixed[:, 2] - fixed[:, 0]) * (fixed[:, 3] - fixed[:, 1])
+    keep = np.flatnonzero(area > 0)
+    return Prepared(fixed[keep], scores[keep], labels[keep], keep)
+
+
+class Layout(NamedTuple):
+    """Boxes of each class laid out in padded rows, largest class first."""
+
+    uniq: np.ndarray  # sorted labels
+    row_gid: np.ndarray  # class index (into uniq) of each row
+    sizes: np.ndarray  # boxes per row
+    index: np.ndarray  # (rows, nmax) prepared-box index, -1 where padded
+    active: np.ndarray  # number of rows with more than k boxes
+
+
+def layout(labels: np.ndarray, order_key: np.ndarray | None, argsort) -> Layout:
+    """Group by sorted label; within a class, input order (``order_key`` None) or descending key order."""
+    uniq, inv = np.unique(labels, return_inverse=True)
+    gid = inv.reshape(-1)
+    if order_key is None:
+        order = np.argsort(gid, kind="stable")
+    else:
+        order = grouped_descending_order(gid, order_key, argsort)
+    sizes = np.bincount(gid, minlength=uniq.size)
+    row_gid = np.argsort(-sizes, kind="stable")
+    row_of_gid = np.empty(uniq.size, dtype=np.int64)
+    row_of_gid[row_gid] = np.arange(uniq.size)
+    nmax = int(sizes.max()) if sizes.size else 0
+    sg = gid[order]
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    pos = np.arange(order.size) - starts[sg]
+    index = np.full((uniq.size, nmax), -1, dtype=np.int64)
+    index[row_of_gid[sg], pos] = order
+    row_sizes = sizes[row_gid]
+    active = np.searchsorted(-row_sizes, -np.arange(nmax), side="left")  # rows with size > k
+    return Layout(uniq, row_gid, row_sizes, index, active)
+
+
+def _ovr(box: np.ndarray, area: np.ndarray, others: np.ndarray, others_area: np.ndarray) -> np.ndarray:
+    """IoU of each row's box with the row's other boxes, in ``nms_float_fast``'s expression order."""
+    xx1 = np.maximum(box[:, None, 0], others[..., 0])
+    yy1 = np.maximum(box[:, None, 1], others[..., 1])
+    xx2 = np.minimum(box[:, None, 2], others[..., 2])
+    yy2 = np.minimum(box[:, None, 3], others[..., 3])
+    w = np.maximum(0.0, xx2 - xx1)
+    h = np.maximum(0.0, yy2 - yy1)
+    inter = w * h
+    return inter / (area[:, None] + others_area - inter)
+
+
+def _padded(lay: Layout, values: np.ndarray, fill=0) -> np.ndarray:
+    out = np.full(lay.index.shape + values.shape[1:], fill, dtype=values.dtype)
+    valid = lay.index >= 0
+    out[valid] = values[lay.index[valid]]
+    return out
+
+
+def greedy_nms(p: Prepared, iou_thr: float, stable: bool = False) -> tuple[Layout, np.ndarray]:
+    """Hard NMS per class.  Returns the layout and, per laid-out slot, the slot that absorbed it.
+
+    ``owner[r, k] == k`` marks a kept box; otherwise it is the position of the kept box that
+    suppressed it (-1 for padding).  ``stable`` orders ties by input position instead of ensemble-boxes'
+    Numba quicksort (for score-sum NMS, which has no reference to match).
+    """
+    if stable:
+        # Reversed by the caller, so this yields descending scores with ties in input order.
+        argsort = lambda v: np.argsort(-v, kind="stable")[::-1]  # noqa: E731
+    else:
+        argsort = numba_quicksort_argsort
+    lay = layout(p.labels, p.scores, argsort)
+    boxes = _padded(lay, p.boxes.astype(np.float64))
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    valid = lay.index >= 0
+    alive = valid.copy()
+    owner = np.full(valid.shape, -1, dtype=np.int64)
+    nmax = lay.index.shape[1]
+    for k in range(nmax):
+        a = int(lay.active[k])
+        r = np.flatnonzero(alive[:a, k])
+        if r.size == 0:
+            continue
+        owner[r, k] = k
+        if k + 1 >= nmax:
+            continue
+        ovr = _ovr(boxes[r, k], area[r, k], boxes[r, k + 1 :], area[r, k + 1 :])
+        sup = ~(ovr <= iou_thr) & alive[r, k + 1 :]
+        if sup.any():
+            rr, cc = np.nonzero(sup)
+            alive[r[rr], cc + k + 1] = False
+            owner[r[rr], cc + k + 1] = k
+    return lay, owner
+
+
+def soft_nms_keep(p: Prepared, method: int, iou_thr: float, sigma: float, thresh: float) -> tuple[Layout, np.ndarray]:
+    """ensemble-boxes' ``cpu_soft_nms_float`` for every class at once.
+
+    Returns the layout (input order within each class) and a (rows, nmax) array holding, at the
+    position each box ends up in after the selection swaps, its prepared-box index, with -1 for boxes
+    whose decayed score fell to ``thresh`` or below.
+    """
+    lay = layout(p.labels, None, None)
+    idx = lay.index.copy()
+    valid = idx >= 0
+    dets = _padded(lay, p.boxes.astype(np.float64))
+    sc_dtype = p.scores.dtype if p.scores.dtype.kind == "f" else np.float64
+    scores = np.full(idx.shape, -np.inf, dtype=sc_dtype)
+    scores[valid] = p.scores[idx[valid]]
+    areas = (dets[..., 2] - dets[..., 0]) * (dets[..., 3] - dets[..., 1])
+    nmax = idx.shape[1]
+    for i in range(nmax - 1):
+        a = int(lay.active[i + 1])  # rows with a box after position i
+        if a == 0:
+            break
+        rest = scores[:a, i + 1 :]
+        maxpos = rest.argmax(axis=1)
+        ar = np.arange(a)
+        maxscore = rest[ar, maxpos]
+        swap = np.flatnonzero(scores[:a, i] < maxscore)
+        if swap.size:
+            j = maxpos[swap] + i + 1
+            for arr in (dets, scores, areas, idx):
+                tmp = arr[swap, i].copy()
+                arr[swap, i] = arr[swap, j]
+                arr[swap, j] = tmp
+        # Column order y1, x1, y2, x2 as the reference writes it; the product is the same.
+        d = dets[:a]
+        xx1 = np.maximum(d[:, i, None, 1], d[:, i + 1 :, 1])
+        yy1 = np.maximum(d[:, i, None, 0], d[:, i + 1 :, 0])
+        xx2 = np.minimum(d[:, i, None, 3], d[:, i + 1 :, 3])
+        yy2 = np.minimum(d[:, i, None, 2], d[:, i + 1 :, 2])
+        w = np.maximum(0.0, xx2 - xx1)
+        h = np.maximum(0.0, yy2 - yy1)
+        inter = w * h
+        ovr = inter / (areas[:a, i, None] + areas[:a, i + 1 :] - inter)
+        if method == 1:
+            weight = np.ones(ovr.shape)
+            hit = ovr > iou_thr
+            weight[hit] = weight[hit] - ovr[hit]
+        elif method == 2:
+            weight = np.exp(-(ovr * ovr) / sigma)
+        else:
+            weight = np.ones(ovr.shape)
+            weight[ovr > iou_thr] = 0
+        pad = idx[:a, i + 1 :] < 0
+        weight[pad] = 1.0  # padding keeps -inf (and never produces NaN from -inf * 0)
+        scores[:a, i + 1 :] = weight * scores[:a, i + 1 :]
+    kept = np.where(valid_sorted := (idx >= 0), idx, -1)
+    kept[valid_sorted & ~(scores > thresh)] = -1
+    return lay, kept
