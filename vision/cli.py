@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(first._module)
     sub = argparse.ArgumentParser(prog=f"vision {first.command}", description=COMMANDS[first.command][1])
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    args = sub.parse_intermixed_args(argv[1:])
     try:
         return int(module.run(args) or 0)
     except VisionError as e:
