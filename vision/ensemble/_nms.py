@@ -25,6 +25,7 @@ class Prepared(NamedTuple):
     scores: np.ndarray  # (N,), weighted
     labels: np.ndarray  # (N,)
     source: np.ndarray  # (N,) index into the concatenation of all inputs
+    image: np.ndarray | None = None  # (N,) image of each box when several images are fused at once
 
 
 def _as_2d(b) -> np.ndarray:
@@ -32,11 +33,18 @@ def _as_2d(b) -> np.ndarray:
     return a.reshape(-1, 4) if a.size == 0 else a
 
 
-def prepare(boxes_list, scores_list, labels_list, weights, normalise_weights: bool = True) -> Prepared:
-    """Weight scores, concatenate models, clip and reorder corners, drop zero-area boxes."""
+def prepare(boxes_list, scores_list, labels_list, weights, skip_box_thr: float | None = None) -> Prepared:
+    """Weight scores, concatenate models, clip and reorder corners, drop zero-area boxes.
+
+    ``skip_box_thr`` (not an ensemble-boxes NMS argument) also drops boxes whose unweighted score is
+    below it; ``source`` still indexes the caller's boxes.
+    """
     if len(scores_list) != len(boxes_list) or len(labels_list) != len(boxes_list):
         raise ValueError("boxes_list, scores_list and labels_list must have one entry per model")
     scores_list = list(scores_list)
+    raw = None
+    if skip_box_thr is not None and boxes_list:
+        raw = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in scores_list])
     if weights is not None:
         if len(boxes_list) != len(weights):
             warnings.warn(
@@ -65,24 +73,35 @@ def prepare(boxes_list, scores_list, labels_list, weights, normalise_weights: bo
     fixed[:, 1] = np.min(b[:, [1, 3]], axis=1)
     fixed[:, 3] = np.max(b[:, [1, 3]], axis=1)
     area = (fixed[:, 2] - fixed[:, 0]) * (fixed[:, 3] - fixed[:, 1])
-    keep = np.flatnonzero(area > 0)
+    keep = area > 0
+    if raw is not None:
+        keep &= raw >= skip_box_thr
+    keep = np.flatnonzero(keep)
     return Prepared(fixed[keep], scores[keep], labels[keep], keep)
 
 
 class Layout(NamedTuple):
     """Boxes of each class laid out in padded rows, largest class first."""
 
-    uniq: np.ndarray  # sorted labels
-    row_gid: np.ndarray  # class index (into uniq) of each row
+    group_image: np.ndarray  # image of each group; groups are sorted by (image, label)
+    row_gid: np.ndarray  # group index of each row
     sizes: np.ndarray  # boxes per row
     index: np.ndarray  # (rows, nmax) prepared-box index, -1 where padded
     active: np.ndarray  # number of rows with more than k boxes
 
 
-def layout(labels: np.ndarray, order_key: np.ndarray | None, argsort) -> Layout:
-    """Group by sorted label; within a class, input order (``order_key`` None) or descending key order."""
-    uniq, inv = np.unique(labels, return_inverse=True)
+def layout(p: Prepared, order_key: np.ndarray | None, argsort) -> Layout:
+    """Group by (image, label), sorted; within a group, input order (``order_key`` None) or descending
+    key order."""
+    _, label_idx = np.unique(p.labels, return_inverse=True)
+    label_idx = label_idx.reshape(-1)
+    if p.image is None:
+        key = label_idx
+    else:
+        key = p.image * (int(label_idx.max()) + 1) + label_idx
+    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
     gid = inv.reshape(-1)
+    group_image = np.zeros(uniq.size, dtype=np.int64) if p.image is None else p.image[first]
     if order_key is None:
         order = np.argsort(gid, kind="stable")
     else:
@@ -99,7 +118,7 @@ def layout(labels: np.ndarray, order_key: np.ndarray | None, argsort) -> Layout:
     index[row_of_gid[sg], pos] = order
     row_sizes = sizes[row_gid]
     active = np.searchsorted(-row_sizes, -np.arange(nmax), side="left")  # rows with size > k
-    return Layout(uniq, row_gid, row_sizes, index, active)
+    return Layout(group_image, row_gid, row_sizes, index, active)
 
 
 def _ovr(box: np.ndarray, area: np.ndarray, others: np.ndarray, others_area: np.ndarray) -> np.ndarray:
@@ -133,7 +152,7 @@ def greedy_nms(p: Prepared, iou_thr: float, stable: bool = False) -> tuple[Layou
         argsort = lambda v: np.argsort(-v, kind="stable")[::-1]  # noqa: E731
     else:
         argsort = numba_quicksort_argsort
-    lay = layout(p.labels, p.scores, argsort)
+    lay = layout(p, p.scores, argsort)
     boxes = _padded(lay, p.boxes.astype(np.float64))
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     valid = lay.index >= 0
@@ -164,7 +183,7 @@ def soft_nms_keep(p: Prepared, method: int, iou_thr: float, sigma: float, thresh
     position each box ends up in after the selection swaps, its prepared-box index, with -1 for boxes
     whose decayed score fell to ``thresh`` or below.
     """
-    lay = layout(p.labels, None, None)
+    lay = layout(p, None, None)
     idx = lay.index.copy()
     valid = idx >= 0
     dets = _padded(lay, p.boxes.astype(np.float64))

@@ -47,32 +47,34 @@ def _weights_array(weights, n_models: int) -> np.ndarray:
         return np.ones(n_models)
     if len(weights) != n_models:
         warnings.warn(
-            f"incorrect number of weights {len(weights)}, must be {n_models}; set to 1", stacklevel=3
+            f"incorrect number of weights {len(weights)}, must be {n_models}; set to 1", stacklevel=4
         )
         return np.ones(n_models)
     return np.array(weights)
 
 
-def _split(dest: np.ndarray, boxes_list) -> list[np.ndarray]:
+def _members(boxes_list, source: np.ndarray, out_row: np.ndarray) -> list[np.ndarray]:
+    """Per model, the output row of each input box (-1 where dropped)."""
     sizes = [len(b) for b in boxes_list]
+    dest = np.full(sum(sizes), -1, dtype=np.int64)
+    dest[source] = out_row
     return np.split(dest, np.cumsum(sizes)[:-1]) if sizes else []
 
 
-def _members(boxes_list, source: np.ndarray, out_row: np.ndarray) -> list[np.ndarray]:
-    total = sum(len(b) for b in boxes_list)
-    dest = np.full(total, -1, dtype=np.int64)
-    dest[source] = out_row
-    return _split(dest, boxes_list)
-
-
-def _wbf_fusion(boxes_list, scores_list, labels_list, weights, iou_thr, skip_box_thr, conf_type, allows_overflow):
-    w = _weights_array(weights, len(boxes_list))
+def _wbf_batch(images, weights, iou_thr, skip_box_thr, conf_type, allows_overflow) -> list[Fusion]:
     if conf_type not in _wbf.CONF_TYPES:
         raise ValueError(f"unknown conf_type {conf_type!r}, must be one of {', '.join(_wbf.CONF_TYPES)}")
-    p = _wbf.prefilter(boxes_list, scores_list, labels_list, w, skip_box_thr)
+    w = _weights_array(weights, len(images[0][0]) if images else 0)
+    parts = [_wbf.prefilter(b, s, lab, w, skip_box_thr) for b, s, lab in images]
+    p = _wbf.Prefiltered(*(np.concatenate(x) for x in zip(*parts)))
+    image = np.repeat(np.arange(len(images)), [q.score.size for q in parts])
     with np.errstate(invalid="ignore", divide="ignore"):  # zero scores give 0/0 there too
-        r = _wbf.wbf(p, np.zeros(p.score.size, dtype=np.int64), 1, w, iou_thr, conf_type, allows_overflow)
-    return Fusion(r.boxes[0], r.scores[0], r.labels[0], _members(boxes_list, p.source, r.box_out))
+        r = _wbf.wbf(p, image, len(images), w, iou_thr, conf_type, allows_overflow)
+    out_rows = np.split(r.box_out, np.cumsum([q.score.size for q in parts])[:-1])
+    return [
+        Fusion(r.boxes[i], r.scores[i], r.labels[i], _members(images[i][0], parts[i].source, out_rows[i]))
+        for i in range(len(images))
+    ]
 
 
 def _empty(p: _nms.Prepared, boxes_list) -> Fusion:
@@ -84,62 +86,67 @@ def _empty(p: _nms.Prepared, boxes_list) -> Fusion:
     )
 
 
-def _nms_fusion(boxes_list, scores_list, labels_list, method, iou_thr, sigma, thresh, weights) -> Fusion:
-    p = _nms.prepare(boxes_list, scores_list, labels_list, weights)
-    if p.scores.size == 0:
-        return _empty(p, boxes_list)
-    if method == 3:
-        lay, owner = _nms.greedy_nms(p, iou_thr)
-        k = np.arange(owner.shape[1])
-        kept = owner == k[None, :]
-        out_pos = _kept_positions(lay, kept)
-        idx = lay.index[out_pos]
-        out_of_slot = np.full(owner.shape, -1, dtype=np.int64)
-        out_of_slot[out_pos] = np.arange(idx.size)
-        valid = lay.index >= 0
-        rows = np.nonzero(valid)[0]
-        slot_out = out_of_slot[rows, owner[valid]]
-        members = _members(boxes_list, p.source[lay.index[valid]], slot_out)
-    else:
-        lay, kept_idx = _nms.soft_nms_keep(p, method, iou_thr, sigma, thresh)
-        out_pos = _kept_positions(lay, kept_idx >= 0)
-        idx = kept_idx[out_pos]
-        members = _members(boxes_list, p.source[idx], np.arange(idx.size))
-    return Fusion(p.boxes[idx], p.scores[idx], p.labels[idx], members)
+def _concat(parts: list[_nms.Prepared]) -> _nms.Prepared:
+    image = np.repeat(np.arange(len(parts)), [q.scores.size for q in parts])
+    return _nms.Prepared(*(np.concatenate(x) for x in zip(*(q[:4] for q in parts))), image)
 
 
-def _kept_positions(lay: _nms.Layout, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row, position) of kept slots, ordered by class (sorted label) then position."""
+def _kept_slots(lay: _nms.Layout, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, position) of kept slots ordered by group (image, label) then position, and their images."""
     r, k = np.nonzero(kept)
     order = np.lexsort((k, lay.row_gid[r]))
-    return r[order], k[order]
+    r, k = r[order], k[order]
+    return r, k, lay.group_image[lay.row_gid[r]]
 
 
-def _sum_fusion(boxes_list, scores_list, labels_list, iou_thr, weights, skip_box_thr, clip) -> Fusion:
-    w = _weights_array(weights, len(boxes_list))
-    kept_in = [np.asarray(s, dtype=np.float64).reshape(-1) >= skip_box_thr for s in scores_list]
-    sub = lambda lst: [np.asarray(x)[m] if len(x) else x for x, m in zip(lst, kept_in)]  # noqa: E731
-    p = _nms.prepare(sub(boxes_list), sub(scores_list), sub(labels_list), w)
+def _nms_batch(images, method, iou_thr, sigma, thresh, weights, skip_box_thr=None, score_sum=False, clip=True):
+    parts = [_nms.prepare(b, s, lab, weights, skip_box_thr) for b, s, lab in images]
+    p = _concat(parts)
     if p.scores.size == 0:
-        return _empty(p, boxes_list)
-    lay, owner = _nms.greedy_nms(p, iou_thr, stable=True)
-    valid = lay.index >= 0
-    rows = np.nonzero(valid)[0]
-    r, k = np.nonzero(owner == np.arange(owner.shape[1])[None, :])
-    out_of_slot = np.full(owner.shape, -1, dtype=np.int64)
-    out_of_slot[r, k] = np.arange(r.size)
-    slot_out = out_of_slot[rows, owner[valid]]
-    fused = np.bincount(slot_out, weights=p.scores[lay.index[valid]].astype(np.float64), minlength=r.size)
-    if clip:
-        fused = np.minimum(fused, 1.0)
-    order = np.argsort(-fused, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    idx = lay.index[r, k][order]
-    # Map prepared indices back through the skip filter to the caller's rows.
-    orig = np.concatenate([np.flatnonzero(m) + off for m, off in zip(kept_in, np.cumsum([0] + [len(b) for b in boxes_list])[:-1])])
-    members = _members(boxes_list, orig[p.source[lay.index[valid]]], rank[slot_out])
-    return Fusion(p.boxes[idx], fused[order], p.labels[idx], members)
+        return [_empty(q, im[0]) for q, im in zip(parts, images)]
+    valid = None
+    if method == 3:
+        lay, owner = _nms.greedy_nms(p, iou_thr, stable=score_sum)
+        r, k, img = _kept_slots(lay, owner == np.arange(owner.shape[1])[None, :])
+        idx = lay.index[r, k]
+        valid = lay.index >= 0
+        slot_of_box = np.full(p.scores.size, -1, dtype=np.int64)
+        kept_slot = np.full(owner.shape, -1, dtype=np.int64)
+        kept_slot[r, k] = np.arange(r.size)
+        rows = np.nonzero(valid)[0]
+        slot_of_box[lay.index[valid]] = kept_slot[rows, owner[valid]]
+    else:
+        lay, kept_idx = _nms.soft_nms_keep(p, method, iou_thr, sigma, thresh)
+        r, k, img = _kept_slots(lay, kept_idx >= 0)
+        idx = kept_idx[r, k]
+        slot_of_box = np.full(p.scores.size, -1, dtype=np.int64)
+        slot_of_box[idx] = np.arange(idx.size)
+    fused_scores = p.scores[idx]
+    if score_sum:
+        fused_scores = np.bincount(
+            slot_of_box[slot_of_box >= 0], weights=p.scores[slot_of_box >= 0].astype(np.float64), minlength=idx.size
+        )
+        if clip:
+            fused_scores = np.minimum(fused_scores, 1.0)
+    bounds = np.searchsorted(img, np.arange(len(images) + 1))
+    box_bounds = np.concatenate(([0], np.cumsum([q.scores.size for q in parts])))
+    out = []
+    for i, (q, im) in enumerate(zip(parts, images)):
+        lo, hi = bounds[i], bounds[i + 1]
+        sel = np.arange(lo, hi)
+        local_slot = slot_of_box[box_bounds[i] : box_bounds[i + 1]]
+        if score_sum:
+            # Highest fused score first; ties keep the per-label order.
+            o = np.argsort(-fused_scores[lo:hi], kind="stable")
+            sel = sel[o]
+            rank = np.empty(o.size, dtype=np.int64)
+            rank[o] = np.arange(o.size)
+            local_out = np.where(local_slot >= 0, rank[np.maximum(local_slot - lo, 0)], -1)
+        else:
+            local_out = np.where(local_slot >= 0, local_slot - lo, -1)
+        g = idx[sel]
+        out.append(Fusion(p.boxes[g], fused_scores[sel], p.labels[g], _members(im[0], q.source, local_out)))
+    return out
 
 
 def nms_method(boxes, scores, labels, method=3, iou_thr=0.5, sigma=0.5, thresh=0.001, weights=None):
@@ -149,7 +156,7 @@ def nms_method(boxes, scores, labels, method=3, iou_thr=0.5, sigma=0.5, thresh=0
     by label (ascending), each group in the order boxes were kept; soft-NMS returns the kept boxes'
     original (weighted, undecayed) scores, as ensemble-boxes does.
     """
-    f = _nms_fusion(boxes, scores, labels, method, iou_thr, sigma, thresh, weights)
+    f = _nms_batch([(boxes, scores, labels)], method, iou_thr, sigma, thresh, weights)[0]
     return f.boxes, f.scores, f.labels
 
 
@@ -180,7 +187,9 @@ def weighted_boxes_fusion(
     Returns boxes (float64, normalised x1, y1, x2, y2), scores and labels (float64), sorted by score,
     highest first.
     """
-    f = _wbf_fusion(boxes_list, scores_list, labels_list, weights, iou_thr, skip_box_thr, conf_type, allows_overflow)
+    f = _wbf_batch(
+        [(boxes_list, scores_list, labels_list)], weights, iou_thr, skip_box_thr, conf_type, allows_overflow
+    )[0]
     return f.boxes, f.scores, f.labels
 
 
@@ -196,16 +205,15 @@ def score_sum_nms(boxes_list, scores_list, labels_list, iou_thr=0.5, weights=Non
     1, so by ``1 / n_models``), so an object found by every model with score ``s`` ends with ``s``, and
     one found by a single model with ``s / n_models``.  A fused score can still exceed 1 when one model
     has several overlapping boxes; ``clip`` (default) caps it at 1.0 so it stays a confidence.
-    Boxes keep the kept box's coordinates.  Output is sorted by fused score, highest first.
+    Boxes keep the kept box's coordinates (clipped to [0, 1]).  Output is sorted by fused score,
+    highest first.
     """
-    f = _sum_fusion(boxes_list, scores_list, labels_list, iou_thr, weights, skip_box_thr, clip)
+    f = fuse(boxes_list, scores_list, labels_list, "sum", weights, iou_thr, skip_box_thr, clip=clip)
     return f.boxes, f.scores, f.labels
 
 
-def fuse(
-    boxes_list,
-    scores_list,
-    labels_list,
+def fuse_batch(
+    images,
     method: str = "wbf",
     weights=None,
     iou_thr: float | None = None,
@@ -217,30 +225,43 @@ def fuse(
     sigma: float = 0.5,
     thresh: float = 0.001,
     clip: bool = True,
+) -> list[Fusion]:
+    """``fuse`` for many images at once: ``images`` is a sequence of (boxes_list, scores_list, labels_list).
+
+    Each image's result equals ``fuse`` on that image alone, but every image's classes advance
+    together, so a whole results file costs about as many vectorised steps as its busiest class.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown fusion method {method!r}, must be one of {', '.join(METHODS)}")
+    images = list(images)
+    if not images:
+        return []
+    if method == "wbf":
+        thr = 0.55 if iou_thr is None else iou_thr
+        return _wbf_batch(images, weights, thr, skip_box_thr, conf_type, allows_overflow)
+    thr = 0.5 if iou_thr is None else iou_thr
+    if method == "sum":
+        w = _weights_array(weights, len(images[0][0]))
+        return _nms_batch(images, 3, thr, sigma, thresh, w, skip_box_thr, score_sum=True, clip=clip)
+    m = 3 if method == "nms" else soft_method
+    return _nms_batch(images, m, thr, sigma, thresh, weights, skip_box_thr)
+
+
+def fuse(
+    boxes_list,
+    scores_list,
+    labels_list,
+    method: str = "wbf",
+    weights=None,
+    iou_thr: float | None = None,
+    skip_box_thr: float = 0.0,
+    **options,
 ) -> Fusion:
     """Run one fusion method by name (``nms``, ``soft_nms``, ``wbf``, ``sum``) and keep membership.
 
     ``iou_thr`` defaults to each method's ensemble-boxes default (0.55 for WBF, 0.5 otherwise).
     ``skip_box_thr`` drops boxes scoring below it before any method runs (ensemble-boxes' NMS has no
-    such argument, so there it filters the inputs).
+    such argument).  ``options``: ``conf_type``, ``allows_overflow`` (WBF), ``soft_method`` (1 linear,
+    2 Gaussian), ``sigma``, ``thresh`` (soft-NMS), ``clip`` (score-sum).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown fusion method {method!r}, must be one of {', '.join(METHODS)}")
-    if method == "wbf":
-        thr = 0.55 if iou_thr is None else iou_thr
-        return _wbf_fusion(
-            boxes_list, scores_list, labels_list, weights, thr, skip_box_thr, conf_type, allows_overflow
-        )
-    thr = 0.5 if iou_thr is None else iou_thr
-    if method == "sum":
-        return _sum_fusion(boxes_list, scores_list, labels_list, thr, weights, skip_box_thr, clip)
-    keep = [np.asarray(s, dtype=np.float64).reshape(-1) >= skip_box_thr for s in scores_list]
-    sub = lambda lst: [np.asarray(x)[m] if len(x) else x for x, m in zip(lst, keep)]  # noqa: E731
-    m = 3 if method == "nms" else soft_method
-    f = _nms_fusion(sub(boxes_list), sub(scores_list), sub(labels_list), m, thr, sigma, thresh, weights)
-    members = []
-    for mask, mem in zip(keep, f.members):
-        full = np.full(mask.size, -1, dtype=np.int64)
-        full[mask] = mem
-        members.append(full)
-    return Fusion(f.boxes, f.scores, f.labels, members)
+    return fuse_batch([(boxes_list, scores_list, labels_list)], method, weights, iou_thr, skip_box_thr, **options)[0]
