@@ -64,7 +64,7 @@ def prepare(boxes_list, scores_list, labels_list, weights, skip_box_thr: float |
     labels = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels_list])
     b = boxes.copy()
     if (b < 0).any() or (b > 1).any():
-        warnings.warn("box coordinates outside [0, 1] were clipped", stacklevel=3)
+        warnings.warn("box coordinates outside [0, 1] were clipped", stacklevel=4)
     b[b < 0] = 0
     b[b > 1] = 1
     fixed = b.copy()

@@ -67,7 +67,7 @@ def prefilter(boxes_list, scores_list, labels_list, weights: np.ndarray, thr: fl
     xy = np.stack([x1, y1, x2, y2], axis=1)
     outside_low, outside_high = xy < 0, xy > 1
     if outside_low.any() or outside_high.any():
-        warnings.warn("box coordinates outside [0, 1] were clipped", stacklevel=3)
+        warnings.warn("box coordinates outside [0, 1] were clipped", stacklevel=4)
         xy = np.where(outside_low, 0.0, np.where(outside_high, 1.0, xy))
     keep = ~(s < thr) & ((xy[:, 2] - xy[:, 0]) * (xy[:, 3] - xy[:, 1]) != 0.0)
     idx = np.flatnonzero(keep)
