@@ -427,7 +427,7 @@ class Trainer:
             "arch": self.cfg.model.arch,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "state": {**asdict(self.pos), "world_size": self.dist.world_size},
+            "state": {**asdict(self.pos), "world_size": self.dist.world_size, "planned_iters": self.planned_iters},
             "rng": rng,
             "version": CHECKPOINT_VERSION,
         }
@@ -462,10 +462,16 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise DataError(path, f"does not fit this config's model ({str(e).splitlines()[0][:200]})") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        saved_plan = ckpt["state"].get("planned_iters", self.planned_iters)
+        if saved_plan != self.planned_iters:  # epochs / max_iters changed: the schedule follows the config
+            schedule_of(self.scheduler).total_iters = self.planned_iters
+            if self.dist.is_main:
+                console(f"schedule horizon: {saved_plan} -> {self.planned_iters} iterations (config changed)")
         if self.scaler.is_enabled() and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         state = dict(ckpt["state"])
         saved_world = int(state.pop("world_size", 1))
+        state.pop("planned_iters", None)
         self.pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
         rng = ckpt.get("rng") or []
         if saved_world == self.dist.world_size and len(rng) == self.dist.world_size:
