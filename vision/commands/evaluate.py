@@ -44,22 +44,20 @@ def run(args: argparse.Namespace) -> int:
     from vision.data.build import drop_unreadable_images, read_split
     from vision.data.dataset import DetectionDataset
     from vision.data.transforms import build_eval_transform
-    from vision.engine.checkpoint import load_checkpoint_file
     from vision.engine.coco_eval import evaluate_detections, format_per_class
     from vision.engine.device import select_device
     from vision.engine.trainer import predict_dataset
     from vision.errors import ConfigError
     from vision.models import build_model
+    from vision.models.weights import load_checkpoint, load_model_weights
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not Path(config).exists():
         overrides.insert(0, config)
         config = None
-    ckpt = load_checkpoint_file(args.weights)
+    ckpt = load_checkpoint(args.weights)  # {"model": state_dict[, "config", "class_names", ...]}
     cfg = resolve_eval_config(config, overrides, ckpt, args.weights)
-    is_vision = "model" in ckpt and isinstance(ckpt["model"], dict)
-    state = ckpt["model"] if is_vision else ckpt
-    class_names = ckpt.get("class_names") if is_vision else None
+    class_names = ckpt.get("class_names")
 
     d = cfg.data
     split = d.val if d.val.ann else d.train
@@ -75,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.model.pretrained = None  # the weights below replace any backbone initialisation
     device = select_device(cfg.train.device)
     model = build_model(cfg.model)
-    _load_weights(model, state, args.weights)
+    load_model_weights(model, args.weights)
     model.to(device).eval()
 
     dataset = DetectionDataset(val_set, build_eval_transform(), d.with_masks, d.skip_difficult)
@@ -98,20 +96,3 @@ def run(args: argparse.Namespace) -> int:
     m = metrics["bbox"]
     print(f"box AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}  ({len(val_set)} images) -> {out}")
     return 0
-
-
-def _load_weights(model: Any, state: dict[str, Any], path: str) -> None:
-    """Strict loading with a one-line error (renamed torchvision keys are mapped by the models package)."""
-    from vision.errors import DataError
-
-    try:
-        from vision.models.weights import load_model_weights
-    except ImportError:
-        load_model_weights = None
-    try:
-        if load_model_weights is not None:
-            load_model_weights(model, state)
-        else:
-            model.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise DataError(path, f"weights do not fit the config's model ({str(e).splitlines()[0][:200]})") from None

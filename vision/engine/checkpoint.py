@@ -29,20 +29,9 @@ CHECKPOINT_VERSION = 1
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` that either fully replaces ``path`` or leaves it untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    from vision.models.weights import save_checkpoint
+
+    save_checkpoint(obj, path)
 
 
 def _fsync_dir(folder: Path) -> None:
