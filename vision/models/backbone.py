@@ -71,8 +71,10 @@ class TimmFPNBackbone(nn.Module):
 
 
 def _is_local_file(spec: str) -> bool:
+    if spec.startswith("hf-hub:"):
+        return False
     p = Path(spec).expanduser()
-    return p.suffix.lower() in WEIGHT_SUFFIXES or p.is_file()
+    return p.suffix.lower() in WEIGHT_SUFFIXES or "/" in spec or os.sep in spec or p.is_file()
 
 
 def _arch_of(name: str) -> str:
