@@ -53,6 +53,12 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)  # the in-process runs switch it on for the process
+
+
 @pytest.fixture
 def recipe(tmp_path: Path) -> Path:
     data = tmp_path / "data"

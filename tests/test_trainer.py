@@ -329,3 +329,30 @@ def test_sigkill_during_writes_never_leaves_a_broken_checkpoint(tmp_path):
     torn.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(DataError, match="cannot read checkpoint"):
         load_checkpoint_file(torn)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-sample seeding of the augmentation pipeline
+
+
+def test_per_sample_seed_reproduces_augmentation_without_correlating_steps():
+    from vision.config import AugmentConfig
+    from vision.data.transforms import build_train_transform
+    from vision.engine.trainer import seed_transform
+
+    transform = build_train_transform(AugmentConfig(hflip=0.5, vflip=0.5))
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[0, 0] = 255  # the bright corner tells which flips were applied
+    sample = {"image": image, "boxes": np.array([[0, 0, 4, 4]], np.float32), "labels": np.array([1])}
+
+    def corner(seed: int) -> tuple[bool, bool]:
+        seed_transform(transform, seed)
+        y, x = np.argwhere(transform(dict(sample))["image"][..., 0] == 255)[0]
+        return bool(x), bool(y)  # (flipped left-right, flipped up-down)
+
+    draws = [corner(s) for s in range(64)]
+    assert draws == [corner(s) for s in range(64)]  # the same seed, the same augmentation
+    h = np.array([d[0] for d in draws])
+    v = np.array([d[1] for d in draws])
+    assert 16 < h.sum() < 48 and 16 < v.sum() < 48
+    assert 0 < (h != v).sum() < 64  # the two flips are drawn independently, not from equal seeds

@@ -89,15 +89,27 @@ def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
 
 
 def seed_transform(transform: Any, seed: int) -> None:
-    """Reseeds a transform that keeps its own generators (albumentations ``Compose`` does)."""
-    fn = getattr(transform, "set_random_seed", None)
-    if callable(fn):
-        fn(seed)
+    """Reseeds a transform that keeps its own generators instead of the global ones.
+
+    An albumentations pipeline gets one fresh generator pair shared by all its steps
+    (``set_random_state``); its ``set_random_seed`` would give every step the same seed and make
+    their draws identical (a horizontal and a vertical flip of equal probability would always
+    happen together).  Other transforms may offer ``set_random_seed(seed)``.
+    """
+    if transform is None:
         return
-    for part in ("pipeline", "autoaugment"):  # DetectionTransform's parts
-        fn = getattr(getattr(transform, part, None), "set_random_seed", None)
-        if callable(fn):
-            fn(seed)
+    if callable(getattr(transform, "set_random_state", None)):  # an albumentations pipeline itself
+        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return
+    if callable(getattr(transform, "set_random_seed", None)):
+        transform.set_random_seed(seed)
+        return
+    pipeline = getattr(transform, "pipeline", None)  # DetectionTransform: AutoAugment, then albumentations
+    if callable(getattr(pipeline, "set_random_state", None)):
+        pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    autoaugment = getattr(transform, "autoaugment", None)
+    if callable(getattr(autoaugment, "set_random_seed", None)):
+        autoaugment.set_random_seed(seed ^ 0x5A5A5A5A)
 
 
 class SeededSamples(Dataset):
