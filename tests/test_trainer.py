@@ -266,6 +266,17 @@ def test_ema_weights_are_checkpointed_and_restored(tmp_path):
     assert other.pos.iteration == 3
 
 
+def test_freeze_until_an_epoch_then_train(tmp_path):
+    snaps = {}
+    cfg = make_cfg(epochs=2, freeze="conv", unfreeze_at=1)
+    tr = make_trainer(tmp_path, cfg, hooks=[lambda ev, t: snaps.update({t.pos.epoch: weights(t.model)})
+                                            if ev in ("start", "epoch") else None])
+    tr.fit()
+    assert torch.equal(snaps[1]["conv.weight"], snaps[0]["conv.weight"])  # frozen in epoch 1
+    assert not torch.equal(snaps[1]["head.weight"], snaps[0]["head.weight"])
+    assert not torch.equal(snaps[2]["conv.weight"], snaps[1]["conv.weight"])  # trained in epoch 2
+
+
 def test_time_budget_ends_training_early(tmp_path):
     cfg = make_cfg(epochs=1000, time_budget_min=1e-9, schedule="cosine")
     tr = make_trainer(tmp_path, cfg)

@@ -30,14 +30,14 @@ def param_groups(
     """Decay / no-decay groups.
 
     Like ``timm.optim.param_groups_weight_decay``, but parameters frozen now and unfrozen later
-    (``trainable_later`` prefixes) are kept in the optimizer, so unfreezing needs no new optimizer and
-    a resumed run has the same parameter groups as the original one.
+    (``trainable_later``: their names) are kept in the optimizer, so unfreezing needs no new optimizer
+    and a resumed run has the same parameter groups as the original one.
     """
-    later = tuple(trainable_later)
+    later = set(trainable_later)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
-        if not param.requires_grad and not (later and name.startswith(later)):
+        if not param.requires_grad and name not in later:
             continue
         (no_decay if _no_decay(name, param) else decay).append(param)
     groups = []

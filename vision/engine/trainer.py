@@ -339,9 +339,15 @@ class Trainer:
             raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
 
         self.model = model.to(self.device)
+        # train.freeze: comma-separated parameter-name prefixes held fixed until epoch train.unfreeze_at
+        # (parameters the model itself freezes, such as frozen stages, stay frozen)
         self.frozen_prefixes = tuple(p.strip() for p in (tcfg.freeze or "").split(",") if p.strip())
-        self._set_frozen(True if self.frozen_prefixes else None)
-        later = self.frozen_prefixes if tcfg.unfreeze_at is not None else ()
+        self.frozen_names = tuple(
+            n for n, p in self.model.named_parameters()
+            if self.frozen_prefixes and n.startswith(self.frozen_prefixes) and p.requires_grad
+        )
+        self._set_frozen(True)
+        later = self.frozen_names if tcfg.unfreeze_at is not None else ()
         self.optimizer = build_optimizer(self.model, tcfg, later)
         self.scaler = make_grad_scaler(self.device, tcfg.amp)
         self.ema = self._make_ema() if tcfg.ema else None
@@ -380,6 +386,7 @@ class Trainer:
         self._log_time = time.monotonic()
         self._start_iter = 0
         self._start_time = time.monotonic()
+        self._elapsed_base = 0.0
         self.logger: MetricLogger | None = None
 
     # parts ----------------------------------------------------------------------------------------
@@ -399,18 +406,18 @@ class Trainer:
 
         return ModelEmaV3(self.model, decay=self.tcfg.ema_decay, use_warmup=self.tcfg.ema_warmup)
 
-    def _set_frozen(self, frozen: bool | None) -> None:
-        if frozen is None:
-            return
+    def _set_frozen(self, frozen: bool) -> None:
+        names = set(self.frozen_names)
         for name, param in self.model.named_parameters():
-            if name.startswith(self.frozen_prefixes):
+            if name in names:
                 param.requires_grad_(not frozen)
 
     def _maybe_unfreeze(self) -> None:
         at = self.tcfg.unfreeze_at
-        if not self.frozen_prefixes or at is None or self.pos.epoch < at:
+        if not self.frozen_names or at is None or self.pos.epoch < at:
             return
-        if all(p.requires_grad for n, p in self.model.named_parameters() if n.startswith(self.frozen_prefixes)):
+        params = dict(self.model.named_parameters())
+        if all(params[n].requires_grad for n in self.frozen_names):
             return
         self._set_frozen(False)
         self.ddp_model = du.wrap_ddp(self.model, self.device)  # DDP fixes its parameter set at wrap time
@@ -439,7 +446,10 @@ class Trainer:
             "arch": self.cfg.model.arch,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "state": {**asdict(self.pos), "world_size": self.dist.world_size, "planned_iters": self.planned_iters},
+            "state": {
+                **asdict(self.pos), "elapsed_s": self._elapsed(), "world_size": self.dist.world_size,
+                "planned_iters": self.planned_iters,
+            },
             "rng": rng,
             "version": CHECKPOINT_VERSION,
         }
@@ -514,6 +524,7 @@ class Trainer:
         )
         self._start_iter = self.pos.iteration
         self._start_time = time.monotonic()
+        self._elapsed_base = self.pos.elapsed_s
         self._log_time = self._start_time
         stopped_early = False
         try:
@@ -544,7 +555,8 @@ class Trainer:
         return self.summary()
 
     def _elapsed(self) -> float:
-        return self.pos.elapsed_s + (time.monotonic() - self._start_time)
+        """Training wall time of the whole run, resumed parts included."""
+        return self._elapsed_base + (time.monotonic() - self._start_time)
 
     def _train_epoch(self) -> bool:
         """Trains from the current position to the end of the epoch; False when the schedule ended."""
@@ -692,7 +704,6 @@ class Trainer:
     def _evaluate(self) -> bool:
         """Evaluates the eval weights; returns whether box AP improved on the best so far."""
         self._last_eval_iter = self.pos.iteration
-        self.pos.elapsed_s = self._elapsed()
         if self.val_set is None or self.val_dataset is None or len(self.val_set) == 0:
             return False
         if self.evaluator is None:
