@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -185,6 +186,12 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
     assert big.pos.iteration == acc.pos.iteration == 2
     for k, v in weights(big.model).items():
         torch.testing.assert_close(weights(acc.model)[k], v, rtol=0, atol=1e-6)
+
+    def logged_losses(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if r["kind"] == "train"]
+
+    assert logged_losses(tmp_path / "b" / "run") == pytest.approx(logged_losses(tmp_path / "a" / "run"), abs=1e-6)
 
 
 def test_clip_grad_bounds_the_first_sgd_step(tmp_path):

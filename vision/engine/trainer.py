@@ -381,7 +381,8 @@ class Trainer:
         self._last_eval_iter = -1
         self._group_loss = torch.zeros((), device=self.device)
         self._log_sums: dict[str, torch.Tensor] = {}
-        self._log_count = 0
+        self._log_count = 0  # optimizer steps since the last log
+        self._log_batches = 0  # batches since the last log (losses are averaged per batch)
         self._log_images = 0
         self._log_time = time.monotonic()
         self._start_iter = 0
@@ -606,6 +607,7 @@ class Trainer:
             v = v.detach().float()
             self._log_sums[k] = v if acc is None else acc + v
         self._log_images += len(images)
+        self._log_batches += 1
 
     def _optimizer_step(self) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -670,8 +672,9 @@ class Trainer:
         keys = sorted(self._log_sums)
         values: dict[str, float] = {}
         if keys and self._log_count:
-            vec = torch.stack([self._log_sums[k].reshape(()) for k in keys]) / self._log_count
-            vec = du.all_reduce_mean(vec)
+            counts = [self._log_count if k == "grad_norm" else max(1, self._log_batches) for k in keys]
+            vec = torch.stack([self._log_sums[k].reshape(()) for k in keys])
+            vec = du.all_reduce_mean(vec / torch.tensor(counts, dtype=vec.dtype, device=vec.device))
             values = dict(zip(keys, vec.tolist()))  # the logging-time host sync
         loss_keys = [k for k in keys if k != "grad_norm"]
         values["loss"] = sum(values[k] for k in loss_keys) if loss_keys else float("nan")
@@ -684,7 +687,8 @@ class Trainer:
         bar = getattr(self, "_bar", None)
         if bar is not None:
             bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}", refresh=False)
-        self._log_sums, self._log_count, self._log_images, self._log_time = {}, 0, 0, now
+        self._log_sums, self._log_count, self._log_batches, self._log_images = {}, 0, 0, 0
+        self._log_time = now
 
     def _update_horizon(self) -> None:
         """With ``time_budget_min``, the cosine horizon is where the measured speed ends the budget."""
