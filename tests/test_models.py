@@ -70,11 +70,16 @@ def test_timm_backbones_train_step(backbone: str, arch: str) -> None:
     assert set(det) >= {"boxes", "scores", "labels"}
 
 
-def test_pyramid_levels_and_strides() -> None:
-    """RetinaNet: P3-P7 (strides 8..128); R-CNN: P2-P6 (4..64); channels = fpn_channels."""
+@pytest.mark.parametrize("name", ["convnext_atto", "dla34"])
+def test_pyramid_levels_and_strides(name: str) -> None:
+    """RetinaNet: P3-P7 (strides 8..128); R-CNN: P2-P6 (4..64); channels = fpn_channels.
+
+    Levels are picked by stride: ConvNeXt starts at stride 4, DLA at stride 1 with its default
+    ``out_indices`` skipping that level.
+    """
     x = torch.rand(1, 3, 256, 256)
-    retina = build_backbone("convnext_atto", fpn_channels=24, levels="retinanet")
-    rcnn = build_backbone("convnext_atto", fpn_channels=24, levels="rcnn")
+    retina = build_backbone(name, fpn_channels=24, levels="retinanet")
+    rcnn = build_backbone(name, fpn_channels=24, levels="rcnn")
     r = retina(x)
     c = rcnn(x)
     assert list(r) == ["0", "1", "2", "p6", "p7"]

@@ -220,16 +220,21 @@ def create_feature_net(
 
 def _indices_for_strides(name: str, strides: Sequence[int]) -> list[int]:
     """The feature_info indices of the levels with the given strides (built on the meta device)."""
-    try:
-        with torch.device("meta"):
-            probe = timm.create_model(name, pretrained=False, features_only=True)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ConfigError(f"unknown timm model '{name}' (see timm.list_models())") from None
-        raise
-    except Exception as e:
-        raise ConfigError(f"timm model '{name}' cannot be used as a feature extractor ({e})") from None
-    reductions = list(probe.feature_info.reduction())
+    probe = None
+    for device in ("meta", "cpu"):  # meta allocates nothing; a few models cannot initialise there
+        try:
+            with torch.device(device):
+                probe = timm.create_model(name, pretrained=False, features_only=True)
+            break
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ConfigError(f"unknown timm model '{name}' (see timm.list_models())") from None
+            error: Exception = e
+        except Exception as e:
+            error = e
+    if probe is None:
+        raise ConfigError(f"timm model '{name}' cannot be used as a feature extractor ({error})")
+    reductions = [lv["reduction"] for lv in probe.feature_info.info]  # every level, not the default ones
     if all(s in reductions for s in strides):
         return [reductions.index(s) for s in strides]
     # an unusual network: take its deepest levels
