@@ -94,9 +94,14 @@ def grouped_descending_order(group: np.ndarray, score: np.ndarray, argsort) -> n
     to the group's scores in input order; it is only called for groups that hold tied scores, since
     without ties every sort gives the same descending order.
     """
-    order = np.lexsort((-score, group))
-    if order.size < 2:
-        return order
+    if score.size < 2:
+        return np.arange(score.size)
+    # Descending score (any order among ties, fixed below), then a stable sort by group.
+    order = np.argsort(-score)
+    g = group[order]
+    if int(group.max()) < 65536:
+        g = g.astype(np.uint16)  # NumPy radix-sorts 16-bit keys
+    order = order[np.argsort(g, kind="stable")]
     s = score[order]
     g = group[order]
     tied = (s[1:] == s[:-1]) & (g[1:] == g[:-1])

@@ -81,18 +81,24 @@ def prefilter(boxes_list, scores_list, labels_list, weights: np.ndarray, thr: fl
     )
 
 
-def _iou_rows(fused: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """IoU of each row's new box with that row's clusters, in ensemble-boxes' expression order.
+def _first_appearance_groups(label: np.ndarray, image: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (image, label) keys as ``np.unique(key, return_index, return_inverse)`` gives them.
 
-    ``fused`` is (rows, clusters, 5) and ``box`` (rows, 5): x1, y1, x2, y2, area.  x and y are
-    handled together (same elementwise operations, fewer calls).
+    Small label ranges (the usual case) use a lookup table instead of sorting.
     """
-    lo = np.maximum(fused[..., :2], box[:, None, :2])
-    hi = np.minimum(fused[..., 2:4], box[:, None, 2:4])
-    d = hi - lo
-    np.maximum(d, 0, out=d)
-    inter = d[..., 0] * d[..., 1]
-    return inter / (fused[..., 4] + box[:, None, 4] - inter)
+    lo, hi = int(label.min()), int(label.max())
+    span = hi - lo + 1
+    if span * n_images > 4_000_000:
+        key = label if n_images == 1 else image * span + (label - lo)
+        _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        return first, inv.reshape(-1)
+    key = label - lo if n_images == 1 else image * span + (label - lo)
+    first_of_key = np.full(span * n_images, key.size, dtype=np.int64)
+    np.minimum.at(first_of_key, key, np.arange(key.size))
+    keys = np.flatnonzero(first_of_key < key.size)
+    uniq_of_key = np.empty(span * n_images, dtype=np.int64)
+    uniq_of_key[keys] = np.arange(keys.size)
+    return first_of_key[keys], uniq_of_key[key]
 
 
 class WbfResult(NamedTuple):
@@ -125,124 +131,141 @@ def wbf(
     n_models = len(weights)
 
     # Groups = (image, class), ordered by image then first appearance (ensemble-boxes keeps a dict).
-    _, label_idx = np.unique(p.label, return_inverse=True)
-    key = image * (int(label_idx.max()) + 1) + label_idx.reshape(-1)
-    _, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    n_groups = first.size
+    first, inv = _first_appearance_groups(p.label, image, n_images)
+    G = first.size  # number of groups
     by_first = np.argsort(first)
-    gid_of_uniq = np.empty(n_groups, dtype=np.int64)
-    gid_of_uniq[by_first] = np.arange(n_groups)
+    gid_of_uniq = np.empty(G, dtype=np.int64)
+    gid_of_uniq[by_first] = np.arange(G)
     gid = gid_of_uniq[inv.reshape(-1)]
     group_label = p.label[first[by_first]]
     group_image = image[first[by_first]]
     order = grouped_descending_order(gid, p.score, np.argsort)
 
-    sizes = np.bincount(gid, minlength=n_groups)
+    sizes = np.bincount(gid, minlength=G)
     # Internal rows: groups by size, largest first, so the groups still active at step k are a prefix.
     row_gid = np.argsort(-sizes, kind="stable")
-    row_of_gid = np.empty(n_groups, dtype=np.int64)
-    row_of_gid[row_gid] = np.arange(n_groups)
+    row_of_gid = np.empty(G, dtype=np.int64)
+    row_of_gid[row_gid] = np.arange(G)
     row_sizes = sizes[row_gid]
     nmax = int(row_sizes[0])
+    size = nmax * G
     sg = gid[order]
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
     pos = np.arange(n_total) - starts[sg]
     rows = row_of_gid[sg]
+    slot = pos * G + rows  # (position, row) of each sorted box in the step-major layouts
 
-    def padded(values, fill=0.0):
-        out = np.full((n_groups, nmax, *values.shape[1:]), fill, dtype=values.dtype)
-        out[rows, pos] = values[order]
-        return out
-
-    S = padded(p.score)
-    B = padded(p.coords)
-    B5 = np.concatenate([B, ((B[..., 2] - B[..., 0]) * (B[..., 3] - B[..., 1]))[..., None]], axis=2)
-    BV = np.concatenate([S[..., None] * B, S[..., None]], axis=2)
+    # Step-major layouts, (channel, position, row), so the rows one step touches are contiguous:
+    # boxes as x1, y1, x2, y2, area; and score-weighted coordinates plus the score, for the sums.
+    co = p.coords[order]
+    so = p.score[order]
+    BT = np.zeros((5, size))
+    BT[:4, slot] = co.T
+    BT[4, slot] = (co[:, 2] - co[:, 0]) * (co[:, 3] - co[:, 1])
+    BVT = np.zeros((5, size))
+    BVT[:4, slot] = (so[:, None] * co).T
+    BVT[4, slot] = so
+    BT = BT.reshape(5, nmax, G)
+    BVT = BVT.reshape(5, nmax, G)
 
     label_row = group_label[row_gid]
     # A multi-member cluster stores its label as float32; if that rounds, ensemble-boxes never matches it again.
     label_f32_exact = np.float32(label_row).astype(np.float64) == label_row.astype(np.float64)
     check_label = not label_f32_exact.all()
 
-    # Flat (row * nmax + cluster) state: fused box and its area; float32-valued coordinate sums and the
-    # float64 score sum.  Clusters not created yet sit outside [0, 1] with zero area, so their IoU with
-    # any box is 0 and they are never matched (a match needs IoU > iou_thr; masked explicitly if < 0).
-    size = n_groups * nmax
-    fused = np.zeros((size, 5))
-    fused[:, :4] = 3.0
-    accum = np.zeros((size, 5))
-    n_clusters = np.zeros(n_groups, dtype=np.int64)
-    member = np.zeros((n_groups, nmax), dtype=np.int64)
-    row_base = np.arange(n_groups) * nmax
-    arange_rows = np.arange(n_groups)
-    active = np.searchsorted(-row_sizes, -np.arange(nmax), side="left")  # rows with size > k
+    # Cluster state, (channel, cluster * G + row): the fused box and its area; the float32-valued
+    # coordinate sums and the float64 score sum.  Clusters not created yet sit outside [0, 1] with zero
+    # area, so their IoU with any box is 0 and they are never matched (a match needs IoU > iou_thr;
+    # they are masked explicitly when iou_thr < 0).
+    # One state array per cluster slot: rows 0-4 the float32-valued coordinate sums and the float64
+    # score sum, rows 5-9 the fused box and its area.
+    X2 = np.zeros((10, size))
+    X2[5:9] = 3.0
+    A2 = X2[:5]
+    F2 = X2[5:]
+    F = F2.reshape(5, nmax, G)
+    n_clusters = np.zeros(G, dtype=np.int64)
+    member_t = np.zeros((nmax, G), dtype=np.int64)
+    counts = np.zeros((nmax, G), dtype=np.int64) if check_label else None
+    ar = np.arange(G)
     cols = np.arange(nmax)
+    act = np.searchsorted(-row_sizes, -np.arange(nmax), side="left").tolist()  # rows with size > k
     mask_unmatchable = iou_thr < 0 or check_label
-    fused3 = fused.reshape(n_groups, nmax, 5)
 
-    a = int(active[0])
-    fused[row_base[:a]] = B5[:a, 0]
-    accum[row_base[:a]] = BV[:a, 0]
+    a = act[0]
+    F2[:, :a] = BT[:, 0, :a]
+    A2[:, :a] = BVT[:, 0, :a]
     n_clusters[:a] = 1
+    if check_label:
+        counts[0, :a] = 1
+    mc = 1  # no active row has more clusters than this
     for k in range(1, nmax):
-        a = int(active[k])
-        b5 = B5[:a, k]
-        iou = _iou_rows(fused3[:a, :k], b5)
+        a = act[k]
+        b = BT[:, k, :a]
+        Fk = F[:, :mc, :a]
+        lo = np.maximum(Fk[:2], b[:2, None])
+        d = np.minimum(Fk[2:4], b[2:4, None])
+        d -= lo
+        np.maximum(d, 0, out=d)
+        inter = d[0] * d[1]
+        iou = inter / (Fk[4] + b[4] - inter)  # ensemble-boxes' expression order
         if mask_unmatchable:
-            invalid = cols[None, :k] >= n_clusters[:a, None]
+            invalid = cols[:mc, None] >= n_clusters[None, :a]
             if check_label:
-                count2 = np.bincount(
-                    (row_base[:, None] + member[:, :k]).ravel()[(cols[None, :k] < row_sizes[:, None]).ravel()],
-                    minlength=size,
-                ).reshape(n_groups, nmax)
-                invalid |= (count2[:a, :k] > 1) & ~label_f32_exact[:a, None]
+                invalid |= (counts[:mc, :a] > 1) & ~label_f32_exact[None, :a]
             iou[invalid] = -1
-        best = iou.argmax(axis=1)
-        match = iou[arange_rows[:a], best] > iou_thr
+        best = iou.argmax(axis=0)
+        ara = ar[:a]
+        match = iou[best, ara] > iou_thr
         c = np.where(match, best, n_clusters[:a])
-        fi = row_base[:a] + c
-        new = accum[fi] + BV[:a, k]
-        acc32 = new[:, :4].astype(np.float32)
-        g = np.empty((a, 5))
-        g[:, :4] = (acc32 / new[:, 4:]).astype(np.float32)
-        wh = g[:, 2:4] - g[:, :2]
-        g[:, 4] = wh[:, 0] * wh[:, 1]
-        new[:, :4] = acc32
-        accum[fi] = new
-        fused[fi] = np.where(match[:, None], g, b5)
-        member[:a, k] = c
+        fi = c * G + ara
+        x = X2.take(fi, axis=1)
+        x[:5] += BVT[:, k, :a]
+        acc32 = x[:4].astype(np.float32)
+        x[:4] = acc32
+        x[5:9] = (acc32 / x[4]).astype(np.float32)
+        wh = x[7:9] - x[5:7]
+        x[9] = wh[0] * wh[1]
+        x[5:] = np.where(match, x[5:], b)
+        X2[:, fi] = x
+        member_t[k, :a] = c
         n_clusters[:a] += ~match
+        if check_label:
+            counts[c, ara] += 1
+        mc = int(np.maximum.reduce(n_clusters[:a]))
 
-    # Per-cluster statistics, accumulated in the order members joined (as ensemble-boxes sums them).
-    filled = cols[None, :] < row_sizes[:, None]
-    km = (row_base[:, None] + member).T[filled.T]  # step-major: the order boxes joined their clusters
-    count = np.bincount(km, minlength=size)
-    wsum = np.zeros(size)
-    np.add.at(wsum, km, padded(p.weight).T[filled.T])
-    cmax = np.full(size, -np.inf)
-    np.maximum.at(cmax, km, S.T[filled.T])
-    present = np.zeros((size, n_models), dtype=bool)
-    present[km, padded(p.model).T[filled.T]] = True
+    # Per-cluster statistics; sums run in the order members joined, as ensemble-boxes adds them.
+    cs = member_t[pos, rows] * G + rows  # cluster slot of each sorted box
+    joined = np.argsort(slot)  # step-major order
+    count = np.bincount(cs, minlength=size)
+    wsum = np.bincount(cs[joined], weights=p.weight[order][joined], minlength=size)
 
     # Clusters in ensemble-boxes' concatenation order: groups by (image, first appearance), clusters
     # by creation.
-    valid = (cols[None, :] < n_clusters[:, None])[row_of_gid].ravel()
-    flat = (row_base[row_of_gid][:, None] + cols[None, :]).ravel()[valid]
+    n_per_gid = n_clusters[row_of_gid]
+    n_fused = int(n_per_gid.sum())
+    gg = np.repeat(np.arange(G), n_per_gid)
+    cc = np.arange(n_fused) - np.repeat(np.cumsum(n_per_gid) - n_per_gid, n_per_gid)
+    flat = cc * G + row_of_gid[gg]
     cnt = count[flat]
     single = cnt == 1
-    conf = accum[flat, 4]
+    conf = A2[4, flat]
     if conf_type == "max":
+        cmax = np.full(size, -np.inf)
+        np.maximum.at(cmax, cs, so)
         stored_score = np.where(single, conf, np.float32(cmax[flat]))
     else:
         stored_score = np.where(single, conf, np.float32(conf / cnt))
     stored_score = stored_score.astype(np.float64)
     wsum = wsum[flat]
     stored_w = np.where(single, wsum, np.float32(wsum).astype(np.float64))
-    n_per_gid = np.bincount(np.repeat(np.arange(n_groups), nmax)[valid], minlength=n_groups)
-    lab = np.repeat(group_label, n_per_gid).astype(np.float64)
+    lab = group_label[gg].astype(np.float64)
     lab = np.where(single, lab, np.float32(lab).astype(np.float64))
-    pres = present[flat]
 
+    if conf_type in ("box_and_model_avg", "absent_model_aware_avg"):
+        present = np.zeros((size, n_models), dtype=bool)
+        present[cs, p.model[order]] = True
+        pres = present[flat]
     if conf_type == "box_and_model_avg":
         sc = stored_score * cnt / stored_w
         sc = sc * np.where(pres, weights[None, :], 0).sum(axis=1) / weights.sum()
@@ -255,11 +278,13 @@ def wbf(
     else:
         sc = stored_score * cnt / weights.sum()
 
-    boxes_all = fused[flat, :4]
-    per_image = np.bincount(np.repeat(group_image, n_per_gid), minlength=n_images)
-    bounds = np.concatenate(([0], np.cumsum(per_image)))
-    out_row = np.empty(sc.size, dtype=np.int64)
+    boxes_all = F2[:4, flat].T
+    out_row = np.empty(n_fused, dtype=np.int64)
     out_b, out_s, out_l = [], [], []
+    if n_images == 1:
+        bounds = [0, n_fused]
+    else:
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(group_image[gg], minlength=n_images))))
     for i in range(n_images):
         lo, hi = bounds[i], bounds[i + 1]
         if lo == hi:
@@ -274,8 +299,8 @@ def wbf(
         out_s.append(sc[o])
         out_l.append(lab[o])
     # Output row of each prefiltered box, through its cluster.
-    row_of_flat = np.full(size, -1, dtype=np.int64)
-    row_of_flat[flat] = out_row
+    row_of_slot = np.full(size, -1, dtype=np.int64)
+    row_of_slot[flat] = out_row
     box_out = np.empty(n_total, dtype=np.int64)
-    box_out[order] = row_of_flat[row_base[rows] + member[rows, pos]]
+    box_out[order] = row_of_slot[cs]
     return WbfResult(out_b, out_s, out_l, box_out)
