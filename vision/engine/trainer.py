@@ -388,6 +388,7 @@ class Trainer:
         self._start_iter = 0
         self._start_time = time.monotonic()
         self._elapsed_base = 0.0
+        self._eval_seconds = 0.0  # how long the last evaluation took
         self.logger: MetricLogger | None = None
 
     # parts ----------------------------------------------------------------------------------------
@@ -699,7 +700,7 @@ class Trainer:
         spent_here = time.monotonic() - self._start_time
         horizon = self.total_iters
         if done > 0 and spent_here > 0:
-            remaining = budget * 60.0 - self._elapsed()
+            remaining = budget * 60.0 - self._elapsed() - self._eval_seconds  # keep time for the last eval
             estimate = self.pos.iteration + max(0.0, remaining) * done / spent_here
             horizon = max(self.pos.iteration, min(self.planned_iters, int(estimate)))
         horizon = int(du.broadcast_object(horizon))
@@ -708,6 +709,7 @@ class Trainer:
     def _evaluate(self) -> bool:
         """Evaluates the eval weights; returns whether box AP improved on the best so far."""
         self._last_eval_iter = self.pos.iteration
+        t0 = time.monotonic()
         if self.val_set is None or self.val_dataset is None or len(self.val_set) == 0:
             return False
         if self.evaluator is None:
@@ -733,6 +735,7 @@ class Trainer:
             )
         self.model.train()
         self._log_time = time.monotonic()  # throughput excludes evaluation
+        self._eval_seconds = self._log_time - t0
         return improved
 
     def summary(self) -> dict[str, Any]:
