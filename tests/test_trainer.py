@@ -374,3 +374,18 @@ def test_per_sample_seed_reproduces_augmentation_without_correlating_steps():
     v = np.array([d[1] for d in draws])
     assert 16 < h.sum() < 48 and 16 < v.sum() < 48
     assert 0 < (h != v).sum() < 64  # the two flips are drawn independently, not from equal seeds
+
+
+def test_device_selection():
+    from vision.engine.device import autocast_dtype, select_device
+    from vision.errors import ConfigError
+
+    assert select_device("cpu") == torch.device("cpu")
+    assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(torch.device("cuda", 0)) == torch.float16
+    if not torch.cuda.is_available():
+        assert select_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            select_device("cuda:1")
+    with pytest.raises(ConfigError, match="expected auto, cpu, cuda or cuda:N"):
+        select_device("gpu")
