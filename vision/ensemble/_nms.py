@@ -162,17 +162,15 @@ def greedy_nms(p: Prepared, iou_thr: float, stable: bool = False) -> tuple[Layou
     for k in range(nmax):
         a = int(lay.active[k])
         r = np.flatnonzero(alive[:a, k])
-        if r.size == 0:
-            continue
-        owner[r, k] = k
-        if k + 1 >= nmax:
+        if r.size == 0 or k + 1 >= nmax:
             continue
         ovr = _ovr(boxes[r, k], area[r, k], boxes[r, k + 1 :], area[r, k + 1 :])
-        sup = ~(ovr <= iou_thr) & alive[r, k + 1 :]
-        if sup.any():
-            rr, cc = np.nonzero(sup)
+        s = ~(ovr <= iou_thr) & alive[r, k + 1 :]
+        if s.any():
+            rr, cc = np.nonzero(s)
             alive[r[rr], cc + k + 1] = False
             owner[r[rr], cc + k + 1] = k
+    owner[alive] = np.nonzero(alive)[1]  # kept boxes own themselves
     return lay, owner
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from vision.ensemble import _nms, _wbf
 
 METHODS = ("nms", "soft_nms", "wbf", "sum")
+_CHUNK_BOXES = 12_000
 
 
 @dataclass
@@ -236,6 +237,19 @@ def fuse_batch(
     images = list(images)
     if not images:
         return []
+    # Chunks of about _CHUNK_BOXES boxes: big enough to share the per-step cost, small enough that
+    # the padded per-class state stays in cache.
+    sizes = np.array([sum(len(b) for b in im[0]) for im in images])
+    if len(images) > 1 and sizes.sum() > _CHUNK_BOXES:
+        out: list[Fusion] = []
+        start = 0
+        while start < len(images):
+            stop = start + max(1, int(np.searchsorted(np.cumsum(sizes[start:]), _CHUNK_BOXES, side="right")))
+            out += fuse_batch(images[start:stop], method, weights, iou_thr, skip_box_thr, conf_type=conf_type,
+                              allows_overflow=allows_overflow, soft_method=soft_method, sigma=sigma,
+                              thresh=thresh, clip=clip)
+            start = stop
+        return out
     if method == "wbf":
         thr = 0.55 if iou_thr is None else iou_thr
         return _wbf_batch(images, weights, thr, skip_box_thr, conf_type, allows_overflow)

@@ -20,7 +20,7 @@ from vision.ensemble.fusion import METHODS, fuse_batch
 from vision.errors import DataError, VisionError
 
 ImageSizes = Mapping[int, tuple[int, int]]  # image id -> (width, height)
-_BATCH_IMAGES = 256
+_BATCH_IMAGES = 256  # images read into one fuse_batch call (which chunks further)
 
 
 def read_json(path: str | os.PathLike, what: str):
