@@ -260,3 +260,12 @@ def test_hub_name_offline_fails_fast_and_says_what_to_do(tmp_path, monkeypatch) 
     assert time.perf_counter() - start < 2.0
     msg = str(err.value)
     assert "'resnet18.a1_in1k'" in msg and "model.pretrained=/path/to/" in msg and "\n" not in msg
+
+
+def test_hub_name_of_another_architecture_or_unknown_tag_is_a_config_error() -> None:
+    from vision.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'resnet50.a1_in1k' is not a 'resnet18' model"):
+        build_backbone("resnet18", pretrained="resnet50.a1_in1k")
+    with pytest.raises(ConfigError, match=r"model.pretrained 'resnet18.no_such_tag'"):
+        build_backbone("resnet18", pretrained="resnet18.no_such_tag")
