@@ -159,11 +159,14 @@ def wbf(
     # boxes as x1, y1, x2, y2, area; and score-weighted coordinates plus the score, for the sums.
     co = p.coords[order]
     so = p.score[order]
+    # x2 and y2 are stored negated (exact, and rounding is symmetric) so that one np.maximum gives
+    # both the intersection's low corner and its negated high corner.
+    neg = co * np.array([1.0, 1.0, -1.0, -1.0])
     BT = np.zeros((5, size))
-    BT[:4, slot] = co.T
+    BT[:4, slot] = neg.T
     BT[4, slot] = (co[:, 2] - co[:, 0]) * (co[:, 3] - co[:, 1])
     BVT = np.zeros((5, size))
-    BVT[:4, slot] = (so[:, None] * co).T
+    BVT[:4, slot] = (so[:, None] * neg).T
     BVT[4, slot] = so
     BT = BT.reshape(5, nmax, G)
     BVT = BVT.reshape(5, nmax, G)
@@ -173,14 +176,14 @@ def wbf(
     label_f32_exact = np.float32(label_row).astype(np.float64) == label_row.astype(np.float64)
     check_label = not label_f32_exact.all()
 
-    # Cluster state, (channel, cluster * G + row): the fused box and its area; the float32-valued
-    # coordinate sums and the float64 score sum.  Clusters not created yet sit outside [0, 1] with zero
-    # area, so their IoU with any box is 0 and they are never matched (a match needs IoU > iou_thr;
-    # they are masked explicitly when iou_thr < 0).
-    # One state array per cluster slot: rows 0-4 the float32-valued coordinate sums and the float64
-    # score sum, rows 5-9 the fused box and its area.
+    # Cluster state, (channel, cluster * G + row): rows 0-4 the float32-valued coordinate sums and the
+    # float64 score sum, rows 5-9 the fused box and its area.  Clusters not created yet are the box
+    # (3, 3, 3, 3), outside [0, 1] with zero area, so their IoU with any box is 0 and they are never
+    # matched (a match needs IoU > iou_thr; they are masked explicitly when iou_thr < 0).
     X2 = np.zeros((10, size))
-    X2[5:9] = 3.0
+    X2[5:7] = 3.0
+    X2[7:9] = -3.0
+    q32 = np.empty((4, G), dtype=np.float32)
     A2 = X2[:5]
     F2 = X2[5:]
     F = F2.reshape(5, nmax, G)
@@ -203,12 +206,15 @@ def wbf(
         a = act[k]
         b = BT[:, k, :a]
         Fk = F[:, :mc, :a]
-        lo = np.maximum(Fk[:2], b[:2, None])
-        d = np.minimum(Fk[2:4], b[2:4, None])
-        d -= lo
-        np.maximum(d, 0, out=d)
+        # ensemble-boxes: max(min(x2) - max(x1), 0) * max(min(y2) - max(y1), 0); here each factor
+        # negated, which leaves the product exact.
+        m = np.maximum(Fk[:4], b[:4, None])
+        d = m[:2] + m[2:4]
+        np.minimum(d, 0, out=d)
         inter = d[0] * d[1]
-        iou = inter / (Fk[4] + b[4] - inter)  # ensemble-boxes' expression order
+        den = Fk[4] + b[4]
+        den -= inter
+        iou = inter / den
         if mask_unmatchable:
             invalid = cols[:mc, None] >= n_clusters[None, :a]
             if check_label:
@@ -221,15 +227,17 @@ def wbf(
         fi = c * G + ara
         x = X2.take(fi, axis=1)
         x[:5] += BVT[:, k, :a]
-        acc32 = x[:4].astype(np.float32)
-        x[:4] = acc32
-        x[5:9] = (acc32 / x[4]).astype(np.float32)
-        wh = x[7:9] - x[5:7]
+        x[:4] = x[:4].astype(np.float32)
+        q = q32[:, :a]
+        np.divide(x[:4], x[4], out=q)  # float64 division, rounded to float32
+        x[5:9] = q
+        wh = x[7:9] + x[5:7]  # the negated width and height
         x[9] = wh[0] * wh[1]
-        x[5:] = np.where(match, x[5:], b)
+        unmatched = ~match
+        np.copyto(x[5:], b, where=unmatched)
         X2[:, fi] = x
         member_t[k, :a] = c
-        n_clusters[:a] += ~match
+        n_clusters[:a] += unmatched
         if check_label:
             counts[c, ara] += 1
         mc = int(np.maximum.reduce(n_clusters[:a]))
@@ -278,7 +286,7 @@ def wbf(
     else:
         sc = stored_score * cnt / weights.sum()
 
-    boxes_all = F2[:4, flat].T
+    boxes_all = F2[:4, flat].T * np.array([1.0, 1.0, -1.0, -1.0])
     out_row = np.empty(n_fused, dtype=np.int64)
     out_b, out_s, out_l = [], [], []
     if n_images == 1:
