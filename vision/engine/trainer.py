@@ -374,6 +374,8 @@ class Trainer:
             tcfg.max_iters if tcfg.max_iters is not None else max(1, tcfg.epochs) * self.steps_per_epoch
         )
         self.scheduler = build_scheduler(self.optimizer, tcfg, self.planned_iters)
+        if self.dist.enabled:  # same initial weights everywhere; from here each rank draws its own numbers
+            seed_everything(tcfg.seed + 1000003 * self.dist.rank)
         self.pos = Position()
         self.bad_steps = 0
         self.last_metrics: dict[str, Any] | None = None
