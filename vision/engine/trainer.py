@@ -68,7 +68,7 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, du.DistInfo]:
     """Device, process group (under ``torchrun``), determinism and seeds; call before building the model.
 
     Every rank seeds the same way, so models built right after start identical (DDP also broadcasts
-    rank 0's weights); rank-specific randomness comes from the per-sample seeds.
+    rank 0's weights); the trainer then reseeds each rank differently, and samples carry their own seeds.
     """
     device = select_device(cfg.train.device)
     info = du.init_distributed(device)
