@@ -38,27 +38,27 @@ class Prefiltered(NamedTuple):
 
 def prefilter(boxes_list, scores_list, labels_list, weights: np.ndarray, thr: float) -> Prefiltered:
     """Drop low scores and zero-area boxes, swap and clip coordinates (ensemble-boxes' ``prefilter_boxes``)."""
-    bs, ss, ls, ms, ws = [], [], [], [], []
+    bs, ss, ls, ns = [], [], [], []
     for t in range(len(boxes_list)):
         n = len(boxes_list[t])
         if len(scores_list[t]) != n:
             raise ValueError(f"model {t}: {n} boxes but {len(scores_list[t])} scores")
         if len(labels_list[t]) != n:
             raise ValueError(f"model {t}: {n} boxes but {len(labels_list[t])} labels")
+        ns.append(n)
         if n == 0:
             continue
         bs.append(np.asarray(boxes_list[t], dtype=np.float64).reshape(n, -1)[:, :4])
         ss.append(np.asarray(scores_list[t], dtype=np.float64).reshape(n))
-        ls.append(np.asarray(labels_list[t]).reshape(n).astype(np.int64))
-        ms.append(np.full(n, t, dtype=np.int64))
-        ws.append(np.full(n, weights[t]))
+        ls.append(np.asarray(labels_list[t]).reshape(n))
     if not bs:
         e = np.zeros(0)
         ei = np.zeros(0, dtype=np.int64)
         return Prefiltered(np.zeros((0, 4)), e, e, ei, ei, ei)
     b = np.concatenate(bs)
     s = np.concatenate(ss)
-    w = np.concatenate(ws)
+    model = np.repeat(np.arange(len(ns)), ns)
+    w = np.asarray(weights)[model]
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     sx = x2 < x1
     x1, x2 = np.where(sx, x2, x1), np.where(sx, x1, x2)
@@ -75,8 +75,8 @@ def prefilter(boxes_list, scores_list, labels_list, weights: np.ndarray, thr: fl
         xy[idx],
         s[idx] * w[idx],
         w[idx].astype(np.float64),
-        np.concatenate(ms)[idx],
-        np.concatenate(ls)[idx],
+        model[idx],
+        np.concatenate(ls)[idx].astype(np.int64),
         idx,
     )
 
@@ -118,6 +118,7 @@ def wbf(
     iou_thr: float,
     conf_type: str,
     allows_overflow: bool,
+    members: bool = True,
 ) -> WbfResult:
     """Fuse prefiltered boxes of one or many images (``image`` gives each box's image).
 
@@ -232,7 +233,7 @@ def wbf(
         np.divide(x[:4], x[4], out=q)  # float64 division, rounded to float32
         x[5:9] = q
         wh = x[7:9] + x[5:7]  # the negated width and height
-        x[9] = wh[0] * wh[1]
+        np.multiply(wh[0], wh[1], out=x[9])
         unmatched = ~match
         np.copyto(x[5:], b, where=unmatched)
         X2[:, fi] = x
@@ -244,7 +245,9 @@ def wbf(
 
     # Per-cluster statistics; sums run in the order members joined, as ensemble-boxes adds them.
     cs = member_t[pos, rows] * G + rows  # cluster slot of each sorted box
-    joined = np.argsort(slot)  # step-major order
+    slot_rank = np.full(size, -1, dtype=np.int64)
+    slot_rank[slot] = np.arange(n_total)
+    joined = slot_rank[slot_rank >= 0]  # sorted boxes in step-major order
     count = np.bincount(cs, minlength=size)
     wsum = np.bincount(cs[joined], weights=p.weight[order][joined], minlength=size)
 
@@ -306,6 +309,8 @@ def wbf(
         out_b.append(boxes_all[o])
         out_s.append(sc[o])
         out_l.append(lab[o])
+    if not members:
+        return WbfResult(out_b, out_s, out_l, np.zeros(0, dtype=np.int64))
     # Output row of each prefiltered box, through its cluster.
     row_of_slot = np.full(size, -1, dtype=np.int64)
     row_of_slot[flat] = out_row

@@ -62,15 +62,21 @@ def _members(boxes_list, source: np.ndarray, out_row: np.ndarray) -> list[np.nda
     return np.split(dest, np.cumsum(sizes)[:-1]) if sizes else []
 
 
-def _wbf_batch(images, weights, iou_thr, skip_box_thr, conf_type, allows_overflow) -> list[Fusion]:
+def _wbf_batch(images, weights, iou_thr, skip_box_thr, conf_type, allows_overflow, members=True) -> list[Fusion]:
     if conf_type not in _wbf.CONF_TYPES:
         raise ValueError(f"unknown conf_type {conf_type!r}, must be one of {', '.join(_wbf.CONF_TYPES)}")
     w = _weights_array(weights, len(images[0][0]) if images else 0)
     parts = [_wbf.prefilter(b, s, lab, w, skip_box_thr) for b, s, lab in images]
-    p = _wbf.Prefiltered(*(np.concatenate(x) for x in zip(*parts)))
-    image = np.repeat(np.arange(len(images)), [q.score.size for q in parts])
+    if len(parts) == 1:
+        p = parts[0]
+        image = np.zeros(p.score.size, dtype=np.int64)
+    else:
+        p = _wbf.Prefiltered(*(np.concatenate(x) for x in zip(*parts)))
+        image = np.repeat(np.arange(len(images)), [q.score.size for q in parts])
     with np.errstate(invalid="ignore", divide="ignore"):  # zero scores give 0/0 there too
-        r = _wbf.wbf(p, image, len(images), w, iou_thr, conf_type, allows_overflow)
+        r = _wbf.wbf(p, image, len(images), w, iou_thr, conf_type, allows_overflow, members)
+    if not members:
+        return [Fusion(r.boxes[i], r.scores[i], r.labels[i], []) for i in range(len(images))]
     out_rows = np.split(r.box_out, np.cumsum([q.score.size for q in parts])[:-1])
     return [
         Fusion(r.boxes[i], r.scores[i], r.labels[i], _members(images[i][0], parts[i].source, out_rows[i]))
@@ -189,7 +195,8 @@ def weighted_boxes_fusion(
     highest first.
     """
     f = _wbf_batch(
-        [(boxes_list, scores_list, labels_list)], weights, iou_thr, skip_box_thr, conf_type, allows_overflow
+        [(boxes_list, scores_list, labels_list)], weights, iou_thr, skip_box_thr, conf_type, allows_overflow,
+        members=False,
     )[0]
     return f.boxes, f.scores, f.labels
 
