@@ -180,3 +180,23 @@ def test_bad_configs_are_one_line_errors() -> None:
         build_model(ModelConfig(arch="retinanet", backbone="resnet18", num_classes=3, anchor_sizes=[[32], [64]]))
     with pytest.raises(ConfigError, match=r"unknown timm model 'resnet_nope'"):
         build_model(ModelConfig(arch="retinanet", backbone="resnet_nope", num_classes=3))
+
+
+def test_normalised_fpn_and_head_as_torchvision_v2() -> None:
+    """head_norm=gn + box_loss=giou is torchvision's retinanet_resnet50_fpn_v2 head: same modules, same loss."""
+    from torchvision.models.detection import retinanet_resnet50_fpn_v2
+
+    cfg = ModelConfig(arch="retinanet", backbone="resnet18", num_classes=4, fpn_channels=64, min_size=[128],
+                      max_size=160, fpn_norm="bn", head_norm="gn", box_loss="giou")
+    model = build_model(cfg)
+    ref = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=5)
+    ours_head = [type(m) for m in model.head.modules()]
+    ref_head = [type(m) for m in ref.head.modules()]
+    assert ours_head == ref_head and nn.GroupNorm in ours_head
+    assert model.head.regression_head._loss_type == ref.head.regression_head._loss_type == "giou"
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.fpn.modules())
+    model.train()
+    losses = model([torch.rand(3, 128, 160)], [{"boxes": torch.tensor([[10.0, 10, 60, 70]]), "labels": torch.tensor([2])}])
+    assert set(losses) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ConfigError, match="model.box_loss=iou"):
+        build_model(ModelConfig(arch="retinanet", backbone="resnet18", num_classes=1, box_loss="iou"))

@@ -78,6 +78,9 @@ class ModelConfig:
     fpn_channels: int = 256
     frozen_stages: int = -1  # -1: nothing frozen; k: stem and the first k stages frozen
     frozen_bn: bool = False
+    fpn_norm: str | None = None  # None | bn | gn: a norm after each FPN convolution (helps from scratch)
+    head_norm: str | None = None  # RetinaNet: None | gn | bn in the head's convolutions (as torchvision's v2)
+    box_loss: str | None = None  # RetinaNet: l1 (torchvision's default) | smooth_l1 | giou | diou | ciou
     anchor_sizes: list[list[int]] | None = None
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     min_size: list[int] = field(default_factory=lambda: [800])

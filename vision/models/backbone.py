@@ -9,9 +9,10 @@ expose different numbers of feature levels (ConvNeXt has no stride-2 level, ResN
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import timm
@@ -52,10 +53,13 @@ class TimmFPNBackbone(nn.Module):
         in_channels_list: Sequence[int],
         out_channels: int,
         extra_blocks: ExtraFPNBlock | None = None,
+        norm_layer: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(list(in_channels_list), out_channels, extra_blocks=extra_blocks)
+        self.fpn = FeaturePyramidNetwork(
+            list(in_channels_list), out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer
+        )
         self.out_channels = out_channels
         self.in_channels_list = list(in_channels_list)
         self.featmap_names = [str(i) for i in range(len(in_channels_list))]
@@ -315,8 +319,13 @@ def build_backbone(
     pretrained: str | None = None,
     frozen_stages: int = -1,
     frozen_bn: bool = False,
+    fpn_norm: str | None = None,
 ) -> TimmFPNBackbone:
-    """timm backbone + FPN for ``levels`` ``"retinanet"`` (P3-P7) or ``"rcnn"`` (P2-P6)."""
+    """timm backbone + FPN for ``levels`` ``"retinanet"`` (P3-P7) or ``"rcnn"`` (P2-P6).
+
+    ``fpn_norm`` (``"bn"`` or ``"gn"``) puts a norm after each FPN convolution, which a network
+    trained from scratch needs far more than one starting from pretrained weights.
+    """
     if levels == "retinanet":
         strides, extra = RETINANET_STRIDES, LastLevelP6P7(fpn_channels, fpn_channels)
     elif levels == "rcnn":
@@ -327,4 +336,15 @@ def build_backbone(
     if frozen_bn:
         body = freeze_batch_norm_2d(body)
     freeze_stages(body, frozen_stages)
-    return TimmFPNBackbone(body, body.feature_info.channels(), fpn_channels, extra)
+    return TimmFPNBackbone(body, body.feature_info.channels(), fpn_channels, extra, norm_layer(fpn_norm))
+
+
+def norm_layer(kind: str | None) -> Callable[[int], nn.Module] | None:
+    """``None`` | ``"bn"`` | ``"gn"`` -> a norm constructor taking the channel count (GroupNorm: 32 groups)."""
+    if kind is None or kind == "none":
+        return None
+    if kind == "bn":
+        return nn.BatchNorm2d
+    if kind == "gn":
+        return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ConfigError(f"unknown norm '{kind}' (expected bn, gn or none)")

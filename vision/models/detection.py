@@ -13,15 +13,18 @@ from typing import Any
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from vision.config import ModelConfig
 from vision.errors import ConfigError
-from vision.models.backbone import TimmFPNBackbone, build_backbone
+from vision.models.backbone import TimmFPNBackbone, build_backbone, norm_layer
 
 # torchvision's default anchors (retinanet.py and faster_rcnn.py `_default_anchorgen`)
 RETINANET_ANCHOR_SIZES = [[x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))] for x in [32, 64, 128, 256, 512]]
 RCNN_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
+# the regression losses torchvision's ``_box_loss`` knows
+BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 
 
 def _backbone(cfg: ModelConfig, levels: str) -> TimmFPNBackbone:
@@ -33,6 +36,7 @@ def _backbone(cfg: ModelConfig, levels: str) -> TimmFPNBackbone:
         pretrained=cfg.pretrained,
         frozen_stages=cfg.frozen_stages,
         frozen_bn=cfg.frozen_bn,
+        fpn_norm=cfg.fpn_norm,
     )
 
 
@@ -70,12 +74,24 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
     """RetinaNet on P3-P7 (P6 from P5 when the channel counts match, as ``retinanet_resnet50_fpn``)."""
     backbone = _backbone(cfg, "retinanet")
     kwargs: dict[str, Any] = _transform_kwargs(cfg)
-    kwargs["anchor_generator"] = _anchor_generator(cfg, RETINANET_ANCHOR_SIZES, len(backbone.featmap_names) + 2)
+    anchors = _anchor_generator(cfg, RETINANET_ANCHOR_SIZES, len(backbone.featmap_names) + 2)
+    kwargs["anchor_generator"] = anchors
+    if cfg.head_norm not in (None, "none"):
+        kwargs["head"] = RetinaNetHead(
+            backbone.out_channels, anchors.num_anchors_per_location()[0], _num_classes(cfg),
+            norm_layer=norm_layer(cfg.head_norm),
+        )
     _set(kwargs, "score_thresh", cfg.score_thresh)
     _set(kwargs, "nms_thresh", cfg.nms_thresh)
     _set(kwargs, "detections_per_img", cfg.detections_per_img)
     kwargs.update(cfg.kwargs)
-    return RetinaNet(backbone, _num_classes(cfg), **kwargs)
+    model = RetinaNet(backbone, _num_classes(cfg), **kwargs)
+    if cfg.box_loss is not None:
+        if cfg.box_loss not in BOX_LOSSES:
+            raise ConfigError(f"model.box_loss={cfg.box_loss}: expected one of {', '.join(BOX_LOSSES)}")
+        # torchvision's RetinaNet picks its regression loss from this attribute (v2 sets "giou")
+        model.head.regression_head._loss_type = cfg.box_loss
+    return model
 
 
 def _rcnn_kwargs(cfg: ModelConfig, backbone: TimmFPNBackbone) -> dict[str, Any]:
