@@ -198,5 +198,5 @@ def test_normalised_fpn_and_head_as_torchvision_v2() -> None:
     model.train()
     losses = model([torch.rand(3, 128, 160)], [{"boxes": torch.tensor([[10.0, 10, 60, 70]]), "labels": torch.tensor([2])}])
     assert set(losses) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in losses.values())
-    with pytest.raises(ConfigError, match="model.box_loss=iou"):
+    with pytest.raises(ConfigError, match=r"model\.box_loss=iou"):
         build_model(ModelConfig(arch="retinanet", backbone="resnet18", num_classes=1, box_loss="iou"))
