@@ -3,7 +3,11 @@
 Each image has 5 models x 300 boxes over 80 classes: 300 objects with random classes, each model
 seeing every object with its own jitter and score (10% of a model's labels are wrong), so clusters
 look like a real ensemble's.  Both libraries run in this process on the same inputs; for every image
-the boxes, scores and labels must agree within 1e-5.  One line per method (milliseconds of CPU time per image); the last line is WBF.
+the boxes, scores and labels must agree within 1e-5 (exit status 1 otherwise).
+
+One line per method, the last one WBF: CPU milliseconds per image for ensemble-boxes, for our drop-in
+called image by image (the two alternate image by image, so load from other processes hits both
+alike) and for ``fuse_batch`` over all images at once (what ``vision fuse`` uses), with the ratios.
 
     python benchmarks/fusion.py [--images 1000]
 """
@@ -81,25 +85,36 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     images = [make_image(rng, args.models, args.boxes, args.classes) for _ in range(args.images)]
     weights = [2, 1, 1, 1, 1][: args.models] + [1] * max(0, args.models - 5)
+    # (name, ensemble-boxes function, our drop-in, keyword arguments, our batched method and options)
     cases = [
-        ("nms", ensemble_boxes.nms, ve.nms, {"iou_thr": 0.5, "weights": weights}),
-        ("soft_nms linear", ensemble_boxes.soft_nms, ve.soft_nms, {"method": 1, "iou_thr": 0.5, "thresh": 0.1}),
-        ("soft_nms gaussian", ensemble_boxes.soft_nms, ve.soft_nms, {"method": 2, "sigma": 0.5, "thresh": 0.1}),
+        ("nms", ensemble_boxes.nms, ve.nms, {"iou_thr": 0.5, "weights": weights}, ("nms", {})),
+        ("soft_nms linear", ensemble_boxes.soft_nms, ve.soft_nms, {"method": 1, "iou_thr": 0.5, "thresh": 0.1},
+         ("soft_nms", {"soft_method": 1, "thresh": 0.1})),
+        ("soft_nms gaussian", ensemble_boxes.soft_nms, ve.soft_nms, {"method": 2, "sigma": 0.5, "thresh": 0.1},
+         ("soft_nms", {"soft_method": 2, "sigma": 0.5, "thresh": 0.1})),
         ("wbf", ensemble_boxes.weighted_boxes_fusion, ve.weighted_boxes_fusion,
-         {"iou_thr": 0.55, "skip_box_thr": 0.0, "weights": weights}),
+         {"iou_thr": 0.55, "skip_box_thr": 0.0, "weights": weights}, ("wbf", {})),
     ]
-    print(f"{args.images} images x {args.models} models x {args.boxes} boxes x {args.classes} classes")
+    n = len(images)
+    print(f"{n} images x {args.models} models x {args.boxes} boxes x {args.classes} classes; "
+          "CPU ms per image; 'per call' = the drop-in called image by image, 'batched' = fuse_batch on all images")
     failed = False
-    for name, ref_fn, our_fn, kwargs in cases:
+    for name, ref_fn, our_fn, kwargs, (method, options) in cases:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             t_ref, t_our, ref, ours = timed_pair(ref_fn, our_fn, images, kwargs)
-        n_equal = sum(equal(a, b) for a, b in zip(ref, ours))
-        failed |= n_equal != len(images)
+            t0 = time.process_time()
+            batched = ve.fuse_batch(
+                images, method, kwargs.get("weights"), kwargs.get("iou_thr"), kwargs.get("skip_box_thr", 0.0),
+                **options,
+            )
+            t_batch = time.process_time() - t0
+        n_equal = sum(equal(a, b) and equal(a, (f.boxes, f.scores, f.labels)) for a, b, f in zip(ref, ours, batched))
+        failed |= n_equal != n
         print(
-            f"{name}: ensemble-boxes {1000 * t_ref / len(images):.2f} ms/image, "
-            f"vision {1000 * t_our / len(images):.2f} ms/image, {t_ref / t_our:.1f}x, "
-            f"outputs equal on {n_equal}/{len(images)} images",
+            f"{name}: ensemble-boxes {1000 * t_ref / n:.2f}; vision per call {1000 * t_our / n:.2f} "
+            f"({t_ref / t_our:.1f}x), batched {1000 * t_batch / n:.2f} ({t_ref / t_batch:.1f}x); "
+            f"outputs equal on {n_equal}/{n} images",
             flush=True,
         )
     return 1 if failed else 0
