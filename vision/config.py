@@ -95,7 +95,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 12
     max_iters: int | None = None
-    time_budget_min: float | None = None
+    time_budget_min: float | None = None  # wall clock; the schedule's horizon follows measured speed
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.01
     momentum: float = 0.9
@@ -118,8 +118,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
-    freeze: str | None = None
-    unfreeze_at: int | None = None
+    freeze: str | None = None  # comma-separated parameter-name prefixes, e.g. "backbone.body"
+    unfreeze_at: int | None = None  # epoch at which `freeze` is lifted (None: never)
     layer_decay: float | None = None
 
 
