@@ -17,8 +17,8 @@ from vision.cli import main as cli
 from vision.data.synthetic import make_synthetic_dataset
 from vision.engine.checkpoint import load_checkpoint_file
 
-# Faster R-CNN draws from torch's generator (RPN / RoI sampling, multi-scale resize) and the data
-# pipeline from albumentations' own: both must come back on resume.
+# Faster R-CNN draws from torch's generator (RPN / RoI sampling, multi-scale resize), the data pipeline
+# from albumentations' and AutoAugment's own generators: all must come back on resume.
 RECIPE = {
     "name": "resume",
     "model": {
@@ -28,7 +28,7 @@ RECIPE = {
     "data": {
         "root": "", "train": {"ann": "train.json", "images": "images"},
         "val": {"ann": "val.json", "images": "images"}, "batch_size": 2, "num_workers": 0,
-        "augment": {"hflip": 0.5, "color_jitter": 0.2},
+        "augment": {"hflip": 0.5, "color_jitter": 0.2, "autoaugment": "v0"},
     },
     "train": {
         "device": "cpu", "deterministic": True, "seed": 3, "epochs": 2, "optimizer": "sgd", "lr": 0.02,
