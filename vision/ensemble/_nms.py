@@ -90,31 +90,54 @@ class Layout(NamedTuple):
     active: np.ndarray  # number of rows with more than k boxes
 
 
+def _sorted_groups(labels: np.ndarray, image: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Group index of each box, groups sorted by (image, label), and each group's image.
+
+    Integer-valued labels over a modest range use a lookup table; anything else goes through
+    ``np.unique`` (labels are compared as values, as ``np.unique`` in ensemble-boxes does).
+    """
+    n_images = 1 if image is None else int(image.max()) + 1
+    integral = labels.dtype.kind in "iu" or (
+        labels.dtype.kind == "f" and bool(np.all(np.isfinite(labels))) and bool(np.all(labels == np.floor(labels)))
+    )
+    if integral:
+        li = labels.astype(np.int64)
+        lo = int(li.min())
+        span = int(li.max()) - lo + 1
+        if span * n_images <= 4_000_000:
+            key = li - lo if image is None else image * span + (li - lo)
+            present = np.zeros(span * n_images, dtype=bool)
+            present[key] = True
+            keys = np.flatnonzero(present)
+            gid_of_key = np.empty(span * n_images, dtype=np.int64)
+            gid_of_key[keys] = np.arange(keys.size)
+            return gid_of_key[key], keys // span
+    _, label_idx = np.unique(labels, return_inverse=True)
+    label_idx = label_idx.reshape(-1)
+    key = label_idx if image is None else image * (int(label_idx.max()) + 1) + label_idx
+    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    group_image = np.zeros(uniq.size, dtype=np.int64) if image is None else image[first]
+    return inv.reshape(-1), group_image
+
+
 def layout(p: Prepared, order_key: np.ndarray | None, argsort) -> Layout:
     """Group by (image, label), sorted; within a group, input order (``order_key`` None) or descending
     key order."""
-    _, label_idx = np.unique(p.labels, return_inverse=True)
-    label_idx = label_idx.reshape(-1)
-    if p.image is None:
-        key = label_idx
-    else:
-        key = p.image * (int(label_idx.max()) + 1) + label_idx
-    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    gid = inv.reshape(-1)
-    group_image = np.zeros(uniq.size, dtype=np.int64) if p.image is None else p.image[first]
+    gid, group_image = _sorted_groups(p.labels, p.image)
+    n_groups = group_image.size
     if order_key is None:
         order = np.argsort(gid, kind="stable")
     else:
         order = grouped_descending_order(gid, order_key, argsort)
-    sizes = np.bincount(gid, minlength=uniq.size)
+    sizes = np.bincount(gid, minlength=n_groups)
     row_gid = np.argsort(-sizes, kind="stable")
-    row_of_gid = np.empty(uniq.size, dtype=np.int64)
-    row_of_gid[row_gid] = np.arange(uniq.size)
+    row_of_gid = np.empty(n_groups, dtype=np.int64)
+    row_of_gid[row_gid] = np.arange(n_groups)
     nmax = int(sizes.max()) if sizes.size else 0
     sg = gid[order]
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
     pos = np.arange(order.size) - starts[sg]
-    index = np.full((uniq.size, nmax), -1, dtype=np.int64)
+    index = np.full((n_groups, nmax), -1, dtype=np.int64)
     index[row_of_gid[sg], pos] = order
     row_sizes = sizes[row_gid]
     active = np.searchsorted(-row_sizes, -np.arange(nmax), side="left")  # rows with size > k
@@ -182,51 +205,51 @@ def soft_nms_keep(p: Prepared, method: int, iou_thr: float, sigma: float, thresh
     whose decayed score fell to ``thresh`` or below.
     """
     lay = layout(p, None, None)
-    idx = lay.index.copy()
-    valid = idx >= 0
-    dets = _padded(lay, p.boxes.astype(np.float64))
+    valid = lay.index >= 0
+    n_rows, nmax = lay.index.shape
+    # Channel-first, one array for what moves together: x1, y1, x2, y2, area, prepared index.
+    D = np.zeros((6, n_rows, nmax))
+    b = p.boxes.astype(np.float64)[lay.index[valid]]
+    D[:4, valid] = b.T
+    D[4, valid] = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    D[5] = -1
+    D[5, valid] = lay.index[valid]
     sc_dtype = p.scores.dtype if p.scores.dtype.kind == "f" else np.float64
-    scores = np.full(idx.shape, -np.inf, dtype=sc_dtype)
-    scores[valid] = p.scores[idx[valid]]
-    areas = (dets[..., 2] - dets[..., 0]) * (dets[..., 3] - dets[..., 1])
-    nmax = idx.shape[1]
+    scores = np.full((n_rows, nmax), -np.inf, dtype=sc_dtype)
+    scores[valid] = p.scores[lay.index[valid]]
+    ar = np.arange(n_rows)
     for i in range(nmax - 1):
         a = int(lay.active[i + 1])  # rows with a box after position i
         if a == 0:
             break
         rest = scores[:a, i + 1 :]
         maxpos = rest.argmax(axis=1)
-        ar = np.arange(a)
-        maxscore = rest[ar, maxpos]
-        swap = np.flatnonzero(scores[:a, i] < maxscore)
+        swap = np.flatnonzero(scores[:a, i] < rest[ar[:a], maxpos])
         if swap.size:
             j = maxpos[swap] + i + 1
-            for arr in (dets, scores, areas, idx):
-                tmp = arr[swap, i].copy()
-                arr[swap, i] = arr[swap, j]
-                arr[swap, j] = tmp
-        # Column order y1, x1, y2, x2 as the reference writes it; the product is the same.
-        d = dets[:a]
-        xx1 = np.maximum(d[:, i, None, 1], d[:, i + 1 :, 1])
-        yy1 = np.maximum(d[:, i, None, 0], d[:, i + 1 :, 0])
-        xx2 = np.minimum(d[:, i, None, 3], d[:, i + 1 :, 3])
-        yy2 = np.minimum(d[:, i, None, 2], d[:, i + 1 :, 2])
+            tmp = D[:, swap, i]
+            D[:, swap, i] = D[:, swap, j]
+            D[:, swap, j] = tmp
+            tmp = scores[swap, i]
+            scores[swap, i] = scores[swap, j]
+            scores[swap, j] = tmp
+        # Column order y1, x1, y2, x2 as the reference writes it; the product is the same.  Padding
+        # (all zeros) gets IoU 0, hence weight 1, and stays -inf.
+        xx1 = np.maximum(D[1, :a, i, None], D[1, :a, i + 1 :])
+        yy1 = np.maximum(D[0, :a, i, None], D[0, :a, i + 1 :])
+        xx2 = np.minimum(D[3, :a, i, None], D[3, :a, i + 1 :])
+        yy2 = np.minimum(D[2, :a, i, None], D[2, :a, i + 1 :])
         w = np.maximum(0.0, xx2 - xx1)
         h = np.maximum(0.0, yy2 - yy1)
         inter = w * h
-        ovr = inter / (areas[:a, i, None] + areas[:a, i + 1 :] - inter)
+        ovr = inter / (D[4, :a, i, None] + D[4, :a, i + 1 :] - inter)
         if method == 1:
-            weight = np.ones(ovr.shape)
-            hit = ovr > iou_thr
-            weight[hit] = weight[hit] - ovr[hit]
+            weight = np.where(ovr > iou_thr, 1.0 - ovr, 1.0)
         elif method == 2:
             weight = np.exp(-(ovr * ovr) / sigma)
         else:
-            weight = np.ones(ovr.shape)
-            weight[ovr > iou_thr] = 0
-        pad = idx[:a, i + 1 :] < 0
-        weight[pad] = 1.0  # padding keeps -inf (and never produces NaN from -inf * 0)
-        scores[:a, i + 1 :] = weight * scores[:a, i + 1 :]
-    kept = np.where(valid_sorted := (idx >= 0), idx, -1)
-    kept[valid_sorted & ~(scores > thresh)] = -1
+            weight = np.where(ovr > iou_thr, 0.0, 1.0)
+        np.multiply(weight, scores[:a, i + 1 :], out=scores[:a, i + 1 :])
+    idx = D[5].astype(np.int64)
+    kept = np.where((idx >= 0) & (scores > thresh), idx, -1)
     return lay, kept
