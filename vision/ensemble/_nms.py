@@ -144,25 +144,6 @@ def layout(p: Prepared, order_key: np.ndarray | None, argsort) -> Layout:
     return Layout(group_image, row_gid, row_sizes, index, active)
 
 
-def _ovr(box: np.ndarray, area: np.ndarray, others: np.ndarray, others_area: np.ndarray) -> np.ndarray:
-    """IoU of each row's box with the row's other boxes, in ``nms_float_fast``'s expression order."""
-    xx1 = np.maximum(box[:, None, 0], others[..., 0])
-    yy1 = np.maximum(box[:, None, 1], others[..., 1])
-    xx2 = np.minimum(box[:, None, 2], others[..., 2])
-    yy2 = np.minimum(box[:, None, 3], others[..., 3])
-    w = np.maximum(0.0, xx2 - xx1)
-    h = np.maximum(0.0, yy2 - yy1)
-    inter = w * h
-    return inter / (area[:, None] + others_area - inter)
-
-
-def _padded(lay: Layout, values: np.ndarray, fill=0) -> np.ndarray:
-    out = np.full(lay.index.shape + values.shape[1:], fill, dtype=values.dtype)
-    valid = lay.index >= 0
-    out[valid] = values[lay.index[valid]]
-    return out
-
-
 def greedy_nms(p: Prepared, iou_thr: float, stable: bool = False) -> tuple[Layout, np.ndarray]:
     """Hard NMS per class.  Returns the layout and, per laid-out slot, the slot that absorbed it.
 
@@ -176,23 +157,33 @@ def greedy_nms(p: Prepared, iou_thr: float, stable: bool = False) -> tuple[Layou
     else:
         argsort = numba_quicksort_argsort
     lay = layout(p, p.scores, argsort)
-    boxes = _padded(lay, p.boxes.astype(np.float64))
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     valid = lay.index >= 0
+    n_rows, nmax = lay.index.shape
+    # Channel-first (x1, y1, -x2, -y2, area): one np.maximum gives the intersection's low corner and
+    # its negated high corner; negation is exact, so the IoU is bit-for-bit the reference's.
+    B = np.zeros((5, n_rows, nmax))
+    b = p.boxes.astype(np.float64)[lay.index[valid]]
+    B[0, valid], B[1, valid] = b[:, 0], b[:, 1]
+    B[2, valid], B[3, valid] = -b[:, 2], -b[:, 3]
+    B[4, valid] = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     alive = valid.copy()
     owner = np.full(valid.shape, -1, dtype=np.int64)
-    nmax = lay.index.shape[1]
-    for k in range(nmax):
-        a = int(lay.active[k])
-        r = np.flatnonzero(alive[:a, k])
-        if r.size == 0 or k + 1 >= nmax:
-            continue
-        ovr = _ovr(boxes[r, k], area[r, k], boxes[r, k + 1 :], area[r, k + 1 :])
-        s = ~(ovr <= iou_thr) & alive[r, k + 1 :]
-        if s.any():
-            rr, cc = np.nonzero(s)
-            alive[r[rr], cc + k + 1] = False
-            owner[r[rr], cc + k + 1] = k
+    for k in range(nmax - 1):
+        a = int(lay.active[k + 1])  # rows with a box after position k
+        if a == 0:
+            break
+        m = np.maximum(B[:4, :a, k, None], B[:4, :a, k + 1 :])
+        d = m[:2] + m[2:4]  # minus the overlap width and height
+        np.minimum(d, 0.0, out=d)
+        inter = d[0] * d[1]
+        den = B[4, :a, k, None] + B[4, :a, k + 1 :]
+        den -= inter
+        # Padding has zero area and overlap, so IoU 0; a kept box is never degenerate.
+        s = (inter / den) > iou_thr
+        s &= alive[:a, k + 1 :]
+        s &= alive[:a, k, None]
+        alive[:a, k + 1 :] ^= s
+        owner[:a, k + 1 :][s] = k
     owner[alive] = np.nonzero(alive)[1]  # kept boxes own themselves
     return lay, owner
 
