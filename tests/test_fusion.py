@@ -177,8 +177,11 @@ def test_inputs_not_modified():
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("chunk", [None, 40])
 @pytest.mark.parametrize("method", ["wbf", "nms", "soft_nms", "sum"])
-def test_batch_equals_single_images(method):
+def test_batch_equals_single_images(method, chunk, monkeypatch):
+    if chunk is not None:  # force fuse_batch to split the images into several chunks
+        monkeypatch.setattr("vision.ensemble.fusion._CHUNK_BOXES", chunk)
     rng = np.random.default_rng(11)
     images = [random_models(rng, n_boxes=int(rng.integers(1, 30))) for _ in range(6)]
     images.append(([np.zeros((0, 4))] * 3, [np.zeros(0)] * 3, [np.zeros(0, dtype=int)] * 3))
@@ -264,3 +267,17 @@ def test_fuse_masks_hand_example():
     out = fuse_masks(masks, scores, f.members, len(f.scores), weights=[1, 3])
     first = int(np.argmax(f.scores))
     np.testing.assert_allclose(out[first], [[1.0, 0.5], [0.5, 0.0]])
+
+
+def test_wrong_number_of_weights_and_bad_conf_type():
+    b, s, lab = random_models(np.random.default_rng(8))
+    with pytest.warns(UserWarning, match="incorrect number of weights"):
+        ours = ve.weighted_boxes_fusion(b, s, lab, weights=[1, 2])
+    assert_same(_quiet(eb.weighted_boxes_fusion, b, s, lab, weights=[1, 2]), ours)  # both fall back to 1s
+    with pytest.warns(UserWarning, match="incorrect number of weights"):
+        ours = ve.nms(b, s, lab, weights=[1, 2])
+    assert_same(_quiet(eb.nms, b, s, lab, weights=[1, 2]), ours)  # both ignore the weights
+    with pytest.raises(ValueError, match="conf_type"):
+        ve.weighted_boxes_fusion(b, s, lab, conf_type="median")
+    with pytest.raises(ValueError, match="model 0"):
+        ve.weighted_boxes_fusion([b[0]], [s[0][:-1]], [lab[0]])
