@@ -111,7 +111,6 @@ def _nms_batch(images, method, iou_thr, sigma, thresh, weights, skip_box_thr=Non
     p = _concat(parts)
     if p.scores.size == 0:
         return [_empty(q, im[0]) for q, im in zip(parts, images)]
-    valid = None
     if method == 3:
         lay, owner = _nms.greedy_nms(p, iou_thr, stable=score_sum)
         r, k, img = _kept_slots(lay, owner == np.arange(owner.shape[1])[None, :])
