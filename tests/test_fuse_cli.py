@@ -73,7 +73,8 @@ def test_fuse_matches_ensemble_boxes(files, method, capsys):
     tmp, p = files
     out = tmp / "fused.json"
     args = ["fuse", "--dets", str(p["a"]), str(p["b"]), "--images", str(p["images"]), "--out", str(out),
-            "--method", method, "--model-weights", "2", "1", "--iou", "0.5", "--skip-score", "0.1"]
+            "--method", method, "--model-weights", "2", "1", "--iou", "0.5", "--skip-score", "0.1",
+            "--soft-scores", "original"]
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
     got = sorted((d["image_id"], d["category_id"], round(d["score"], 6), tuple(round(v, 4) for v in d["bbox"]))

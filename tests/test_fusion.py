@@ -281,3 +281,16 @@ def test_wrong_number_of_weights_and_bad_conf_type():
         ve.weighted_boxes_fusion(b, s, lab, conf_type="median")
     with pytest.raises(ValueError, match="model 0"):
         ve.weighted_boxes_fusion([b[0]], [s[0][:-1]], [lab[0]])
+
+
+def test_soft_nms_decayed_scores_hand_example():
+    # Two boxes with IoU 0.6 (0.4 x 0.5 boxes offset by 0.1 in x: overlap 0.3 x 0.5 = 0.15, union 0.25).
+    boxes = [np.array([[0.1, 0.1, 0.5, 0.6]]), np.array([[0.2, 0.1, 0.6, 0.6]])]
+    scores = [np.array([0.9]), np.array([0.8])]
+    labels = [np.array([0]), np.array([0])]
+    f = ve.fuse(boxes, scores, labels, "soft_nms", soft_method=2, sigma=0.5, decayed_scores=True)
+    np.testing.assert_allclose(f.scores, [0.9, 0.8 * np.exp(-0.36 / 0.5)])
+    f = ve.fuse(boxes, scores, labels, "soft_nms", soft_method=1, iou_thr=0.5, decayed_scores=True)
+    np.testing.assert_allclose(f.scores, [0.9, 0.8 * (1 - 0.6)])
+    # ensemble-boxes (and the drop-in) return the original scores of the kept boxes.
+    np.testing.assert_allclose(ve.soft_nms(boxes, scores, labels)[1], [0.9, 0.8])

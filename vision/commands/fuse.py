@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf-type", default="avg", help="WBF score: avg, max, box_and_model_avg, absent_model_aware_avg")
     parser.add_argument("--soft-method", choices=("linear", "gaussian"), default="gaussian")
     parser.add_argument("--sigma", type=float, default=0.5, help="Gaussian soft-NMS sigma")
+    parser.add_argument("--soft-scores", choices=("decayed", "original"), default="decayed",
+                        help="soft-NMS output scores: decayed (soft-NMS proper) or the original ones, as"
+                             " ensemble-boxes returns them")
     parser.add_argument("--hierarchy", help="class hierarchy JSON: also add parent-class copies of the fused detections")
     parser.add_argument("--class-descriptions", help="Open Images class-descriptions CSV (MID -> name) for --hierarchy")
 
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "wbf":
         options["conf_type"] = args.conf_type
     if args.method == "soft_nms":
-        options.update(soft_method=1 if args.soft_method == "linear" else 2, sigma=args.sigma)
+        options.update(soft_method=1 if args.soft_method == "linear" else 2, sigma=args.sigma,
+                       decayed_scores=args.soft_scores == "decayed")
     try:
         fused = fuse_results(
             results, sizes, args.method, args.model_weights, args.iou, args.skip_score,

@@ -188,12 +188,14 @@ def greedy_nms(p: Prepared, iou_thr: float, stable: bool = False) -> tuple[Layou
     return lay, owner
 
 
-def soft_nms_keep(p: Prepared, method: int, iou_thr: float, sigma: float, thresh: float) -> tuple[Layout, np.ndarray]:
+def soft_nms_keep(
+    p: Prepared, method: int, iou_thr: float, sigma: float, thresh: float
+) -> tuple[Layout, np.ndarray, np.ndarray]:
     """ensemble-boxes' ``cpu_soft_nms_float`` for every class at once.
 
     Returns the layout (input order within each class) and a (rows, nmax) array holding, at the
     position each box ends up in after the selection swaps, its prepared-box index, with -1 for boxes
-    whose decayed score fell to ``thresh`` or below.
+    whose decayed score fell to ``thresh`` or below; and the decayed scores in the same layout.
     """
     lay = layout(p, None, None)
     valid = lay.index >= 0
@@ -243,4 +245,4 @@ def soft_nms_keep(p: Prepared, method: int, iou_thr: float, sigma: float, thresh
         np.multiply(weight, scores[:a, i + 1 :], out=scores[:a, i + 1 :])
     idx = D[5].astype(np.int64)
     kept = np.where((idx >= 0) & (scores > thresh), idx, -1)
-    return lay, kept
+    return lay, kept, scores

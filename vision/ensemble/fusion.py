@@ -106,7 +106,9 @@ def _kept_slots(lay: _nms.Layout, kept: np.ndarray) -> tuple[np.ndarray, np.ndar
     return r, k, lay.group_image[lay.row_gid[r]]
 
 
-def _nms_batch(images, method, iou_thr, sigma, thresh, weights, skip_box_thr=None, score_sum=False, clip=True):
+def _nms_batch(
+    images, method, iou_thr, sigma, thresh, weights, skip_box_thr=None, score_sum=False, clip=True, decayed=False
+):
     parts = [_nms.prepare(b, s, lab, weights, skip_box_thr) for b, s, lab in images]
     p = _concat(parts)
     if p.scores.size == 0:
@@ -122,12 +124,12 @@ def _nms_batch(images, method, iou_thr, sigma, thresh, weights, skip_box_thr=Non
         rows = np.nonzero(valid)[0]
         slot_of_box[lay.index[valid]] = kept_slot[rows, owner[valid]]
     else:
-        lay, kept_idx = _nms.soft_nms_keep(p, method, iou_thr, sigma, thresh)
+        lay, kept_idx, decayed_scores = _nms.soft_nms_keep(p, method, iou_thr, sigma, thresh)
         r, k, img = _kept_slots(lay, kept_idx >= 0)
         idx = kept_idx[r, k]
         slot_of_box = np.full(p.scores.size, -1, dtype=np.int64)
         slot_of_box[idx] = np.arange(idx.size)
-    fused_scores = p.scores[idx]
+    fused_scores = decayed_scores[r, k] if decayed and method != 3 else p.scores[idx]
     if score_sum:
         fused_scores = np.bincount(
             slot_of_box[slot_of_box >= 0], weights=p.scores[slot_of_box >= 0].astype(np.float64), minlength=idx.size
@@ -232,6 +234,7 @@ def fuse_batch(
     sigma: float = 0.5,
     thresh: float = 0.001,
     clip: bool = True,
+    decayed_scores: bool = False,
 ) -> list[Fusion]:
     """``fuse`` for many images at once: ``images`` is a sequence of (boxes_list, scores_list, labels_list).
 
@@ -253,7 +256,7 @@ def fuse_batch(
             stop = start + max(1, int(np.searchsorted(np.cumsum(sizes[start:]), _CHUNK_BOXES, side="right")))
             out += fuse_batch(images[start:stop], method, weights, iou_thr, skip_box_thr, conf_type=conf_type,
                               allows_overflow=allows_overflow, soft_method=soft_method, sigma=sigma,
-                              thresh=thresh, clip=clip)
+                              thresh=thresh, clip=clip, decayed_scores=decayed_scores)
             start = stop
         return out
     if method == "wbf":
@@ -264,7 +267,7 @@ def fuse_batch(
         w = _weights_array(weights, len(images[0][0]))
         return _nms_batch(images, 3, thr, sigma, thresh, w, skip_box_thr, score_sum=True, clip=clip)
     m = 3 if method == "nms" else soft_method
-    return _nms_batch(images, m, thr, sigma, thresh, weights, skip_box_thr)
+    return _nms_batch(images, m, thr, sigma, thresh, weights, skip_box_thr, decayed=decayed_scores)
 
 
 def fuse(
@@ -282,6 +285,7 @@ def fuse(
     ``iou_thr`` defaults to each method's ensemble-boxes default (0.55 for WBF, 0.5 otherwise).
     ``skip_box_thr`` drops boxes scoring below it before any method runs (ensemble-boxes' NMS has no
     such argument).  ``options``: ``conf_type``, ``allows_overflow`` (WBF), ``soft_method`` (1 linear,
-    2 Gaussian), ``sigma``, ``thresh`` (soft-NMS), ``clip`` (score-sum).
+    2 Gaussian), ``sigma``, ``thresh`` (soft-NMS), ``decayed_scores`` (soft-NMS: return the decayed
+    scores, as soft-NMS is usually meant, instead of ensemble-boxes' original ones), ``clip`` (score-sum).
     """
     return fuse_batch([(boxes_list, scores_list, labels_list)], method, weights, iou_thr, skip_box_thr, **options)[0]

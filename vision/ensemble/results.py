@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -96,7 +97,9 @@ def fuse_results(
 
     ``results[t]`` is model ``t``'s detection list; ``weights`` one weight per model; ``iou_thr``
     defaults to the method's ensemble-boxes default; ``skip_score`` drops detections below it first.
-    ``options`` go to ``fuse_batch`` (``conf_type``, ``soft_method``...).  When members carry
+    ``options`` go to ``fuse_batch`` (``conf_type``, ``soft_method``, ``decayed_scores``...).  As in
+    ensemble-boxes, NMS and soft-NMS multiply scores by ``weight / sum(weights)`` when weights are
+    given, and WBF scores are means over models.  When members carry
     ``segmentation`` the fused detection gets the score-weighted mean of their masks, thresholded at
     0.5, as RLE.  ``names`` (file names) and ``images_name`` only make error messages precise.
     """
@@ -118,7 +121,9 @@ def fuse_results(
     for start in range(0, len(order), _BATCH_IMAGES):
         chunk = order[start : start + _BATCH_IMAGES]
         batch = [_to_arrays(per_image[i], image_sizes[i]) for i in chunk]
-        fused = fuse_batch(batch, method, weights, iou_thr, skip_score, **options)
+        with warnings.catch_warnings():  # boxes reaching past the image border are clipped to it
+            warnings.filterwarnings("ignore", "box coordinates outside")
+            fused = fuse_batch(batch, method, weights, iou_thr, skip_score, **options)
         for image_id, f in zip(chunk, fused):
             width, height = image_sizes[image_id]
             dets = per_image[image_id]
