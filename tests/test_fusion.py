@@ -294,3 +294,11 @@ def test_soft_nms_decayed_scores_hand_example():
     np.testing.assert_allclose(f.scores, [0.9, 0.8 * (1 - 0.6)])
     # ensemble-boxes (and the drop-in) return the original scores of the kept boxes.
     np.testing.assert_allclose(ve.soft_nms(boxes, scores, labels)[1], [0.9, 0.8])
+
+
+def test_labels_beyond_float32_precision():
+    """ensemble-boxes stores a multi-box cluster's label as float32; 2**24 + 1 then no longer matches."""
+    rng = np.random.default_rng(4)
+    b, s, _ = random_models(rng, n_models=3, n_boxes=12, n_classes=1)
+    lab = [np.full(len(x), 2**24 + 1) for x in s]
+    assert_same(_quiet(eb.weighted_boxes_fusion, b, s, lab), ve.weighted_boxes_fusion(b, s, lab))
