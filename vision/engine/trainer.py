@@ -277,12 +277,20 @@ def box_ap(metrics: dict[str, Any] | None) -> float:
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """``{"bbox": {"AP": ..}, "segm": {..}}`` -> ``{"bbox_AP": .., "segm_AP": ..}`` for logging."""
+    """``{"bbox": {"AP": ..}, "mIoU": ..}`` -> ``{"bbox_AP": .., "mIoU": ..}`` for logging.
+
+    Top-level numbers and one level of nested numbers are kept; per-class tables and text are not.
+    """
     out: dict[str, float] = {}
-    for iou_type in ("bbox", "segm"):
-        for key, value in (metrics.get(iou_type) or {}).items():
-            if isinstance(value, (int, float)):
-                out[f"{iou_type}_{key}"] = float(value)
+    for group, values in (metrics or {}).items():
+        if group.startswith("per_class") or group == "summary":
+            continue
+        if isinstance(values, (int, float)) and not isinstance(values, bool):
+            out[group] = float(values)
+        elif isinstance(values, dict):
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[f"{group}_{key}"] = float(value)
     return out
 
 
@@ -321,6 +329,9 @@ class Trainer:
         sampler: Any = None,
         evaluator: Evaluator | None = None,
         collate_fn: Callable | None = None,
+        predict_fn: Callable[..., dict[Any, Any]] | None = None,
+        score_fn: Callable[[dict[str, Any] | None], float] | None = None,
+        score_name: str = "box AP",
         hooks: Sequence[Hook] = (),
     ):
         self.cfg = cfg
@@ -333,6 +344,9 @@ class Trainer:
         self.val_dataset = val_dataset
         self.class_names = list(train_set.categories.names)
         self.evaluator = evaluator
+        self.predict_fn = predict_fn or predict_dataset
+        self.score_fn = score_fn or box_ap
+        self.score_name = score_name
         if tcfg.grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {tcfg.grad_accum}")
         if cfg.data.batch_size < 1:
@@ -716,14 +730,14 @@ class Trainer:
             return False
         if self.evaluator is None:
             self.evaluator = default_evaluator(self.cfg.data.with_masks)
-        preds = predict_dataset(
+        preds = self.predict_fn(
             self.eval_model(), self.val_dataset, self.val_set, self.device,
             batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.num_workers, amp=self.tcfg.amp,
         )
         metrics = self.evaluator(self.val_set, preds) if self.dist.is_main else None
         metrics = du.broadcast_object(metrics)
         self.last_metrics = metrics
-        ap = box_ap(metrics)
+        ap = self.score_fn(metrics)
         improved = math.isfinite(ap) and ap > self.pos.best_ap
         if improved:
             self.pos.best_ap, self.pos.best_iteration = ap, self.pos.iteration
@@ -731,9 +745,10 @@ class Trainer:
             flat = flat_metrics(metrics)
             if self.logger is not None:
                 self.logger.log("eval", self.pos.iteration, flat, epoch=self.pos.epoch)
+            extra = f" AP50 {flat['bbox_AP50']:.4f}" if "bbox_AP50" in flat else ""
             console(
-                f"epoch {self.pos.epoch} iter {self.pos.iteration}: box AP {ap:.4f} "
-                f"AP50 {flat.get('bbox_AP50', float('nan')):.4f} (best {self.pos.best_ap:.4f})"
+                f"epoch {self.pos.epoch} iter {self.pos.iteration}: {self.score_name} {ap:.4f}{extra} "
+                f"(best {self.pos.best_ap:.4f})"
             )
         self.model.train()
         self._log_time = time.monotonic()  # throughput excludes evaluation
@@ -747,6 +762,8 @@ class Trainer:
             "epochs": self.pos.epoch + self.pos.batch / self.batches_per_epoch,
             "seconds": round(self._elapsed(), 1),
             "box_ap": box_ap(self.last_metrics),
+            "score": self.score_fn(self.last_metrics),
+            "score_name": self.score_name,
             "best_ap": self.pos.best_ap if self.pos.best_iteration >= 0 else None,
             "best_iteration": self.pos.best_iteration,
             "metrics": self.last_metrics,
@@ -757,28 +774,17 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, run_dir: str | Path, hooks: Sequence[Hook] = ()) -> Trainer:
-    """Data sets, model and trainer from a config (fills ``model.num_classes`` from the data)."""
+    """Data sets, model and trainer from a config (``model.num_classes`` is filled in from the data)."""
     setup_runtime(cfg)
-    from vision.data.build import build_datasets
-    from vision.data.dataset import DetectionDataset
-    from vision.data.transforms import build_eval_transform, build_train_transform
+    from vision.engine.tasks import build_task
     from vision.models import build_model
 
-    train_set, val_set = build_datasets(cfg)
-    if cfg.model.num_classes == 0:
-        cfg.model.num_classes = len(train_set.categories)
-    elif cfg.model.num_classes < len(train_set.categories):
-        raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but the training set has "
-            f"{len(train_set.categories)} classes"
-        )
-    d = cfg.data
-    train_ds = DetectionDataset(train_set, build_train_transform(d.augment), d.with_masks, d.skip_difficult)
-    val_ds = DetectionDataset(val_set, build_eval_transform(), d.with_masks, d.skip_difficult)
+    task = build_task(cfg)
     model = build_model(cfg.model)
     return Trainer(
-        cfg, run_dir, model=model, train_set=train_set, train_dataset=train_ds, val_set=val_set,
-        val_dataset=val_ds, hooks=hooks,
+        cfg, run_dir, model=model, train_set=task.train_set, train_dataset=task.train_dataset,
+        val_set=task.val_set, val_dataset=task.val_dataset, evaluator=task.evaluate, collate_fn=task.collate,
+        predict_fn=task.predict, score_fn=task.score, score_name=task.score_name, hooks=hooks,
     )
 
 
