@@ -27,7 +27,8 @@ class SplitConfig:
 
     ``format`` selects the reader: ``coco`` (``ann`` is a JSON file), ``voc`` (``ann`` is the XML folder,
     ``ids`` an optional ImageSets list file) or ``yolo`` (``ann`` is the label-file folder, ``names`` the
-    class-names file).  Relative paths are taken from ``data.root``.
+    class-names file).  Semantic segmentation also reads ``masks`` (``ann`` is a folder of class-index PNGs
+    matched to ``images`` by file stem) and ``mask_list`` (``ann`` is a file of ``image mask`` lines).  Relative paths are taken from ``data.root``.
     """
 
     format: str = "coco"
@@ -66,6 +67,7 @@ class DataConfig:
     class_cap: int | None = None  # class-balanced: at most this many distinct images per class
     repeat_threshold: float = 0.001  # repeat-factor: LVIS threshold t
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    crowd_ignore: bool = True  # semantic masks from COCO: crowd regions -> model.ignore_index
 
 
 @dataclass
@@ -89,6 +91,10 @@ class ModelConfig:
     nms_thresh: float | None = None
     detections_per_img: int | None = None  # None: torchvision's default for the arch (100, RetinaNet 300)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to the torchvision model
+    # semantic_fpn: decoder width, the label that is never learned or scored, and Dice on top of cross-entropy
+    seg_channels: int = 128
+    ignore_index: int = 255
+    dice_weight: float = 0.0
 
 
 @dataclass
