@@ -27,8 +27,9 @@ class SplitConfig:
 
     ``format`` selects the reader: ``coco`` (``ann`` is a JSON file), ``voc`` (``ann`` is the XML folder,
     ``ids`` an optional ImageSets list file) or ``yolo`` (``ann`` is the label-file folder, ``names`` the
-    class-names file).  Semantic segmentation also reads ``masks`` (``ann`` is a folder of class-index PNGs
-    matched to ``images`` by file stem) and ``mask_list`` (``ann`` is a file of ``image mask`` lines).  Relative paths are taken from ``data.root``.
+    class-names file).  Semantic segmentation also reads ``masks`` (``ann`` is a folder of class-index
+    PNGs matched to ``images`` by file stem) and ``mask_list`` (``ann`` is a file of ``image mask`` lines).
+    Relative paths are taken from ``data.root``.
     """
 
     format: str = "coco"
