@@ -50,6 +50,7 @@ def test_train_writes_the_run_folder(trained, capfd, caplog):
     assert any(trained["bad"].name in r.getMessage() for r in caplog.records)  # the damaged image was named
     line = out.strip().splitlines()[-1]
     assert line.startswith("trained 2 iterations (1.00 epochs)") and str(run) in line  # 4 readable images
+    assert "box AP" in line and "1 unreadable images skipped" in line
     assert {"config.yaml", "last.pt", "best.pt", "metrics.jsonl", "tb"} <= {p.name for p in run.iterdir()}
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["model"]["num_classes"] == 2 and resolved["train"]["seed"] == 5

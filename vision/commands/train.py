@@ -50,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_ap"]
         best_text = f" (best {best:.4f} at iteration {summary['best_iteration']})" if best is not None else ""
+        skipped = summary.get("skipped_images", [])
+        skipped_text = f"; {len(skipped)} unreadable images skipped" if skipped else ""
         print(
             f"trained {summary['iterations']} iterations ({summary['epochs']:.2f} epochs) in "
-            f"{summary['seconds']:.0f} s; box AP {summary['box_ap']:.4f}{best_text} -> {run_dir}"
+            f"{summary['seconds']:.0f} s; {summary['score_name']} {summary['score']:.4f}{best_text}{skipped_text} -> {run_dir}"
         )
     return 0

@@ -763,6 +763,9 @@ class Trainer:
             "seconds": round(self._elapsed(), 1),
             "box_ap": box_ap(self.last_metrics),
             "score": self.score_fn(self.last_metrics),
+            "skipped_images": sorted(
+                {*getattr(self.train_set, "skipped_images", []), *getattr(self.val_set, "skipped_images", [])}
+            ),
             "score_name": self.score_name,
             "best_ap": self.pos.best_ap if self.pos.best_iteration >= 0 else None,
             "best_iteration": self.pos.best_iteration,
