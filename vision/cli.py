@@ -39,7 +39,9 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vision", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vision", description="Detection, segmentation and classification on timm backbones."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in _available().items():
