@@ -3,7 +3,6 @@ SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(PYTHON) -m uv
 export NO_ALBUMENTATIONS_UPDATE := 1
-export UV_LINK_MODE ?= copy
 
 .PHONY: install demo test lint bench-fusion
 
