@@ -4,7 +4,7 @@ PYTHON ?= python3
 UV := $(PYTHON) -m uv
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo test lint bench-fusion
+.PHONY: install demo test lint
 
 install:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
