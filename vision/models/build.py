@@ -13,11 +13,13 @@ from torch import nn
 from vision.config import ModelConfig
 from vision.errors import ConfigError
 from vision.models.detection import build_faster_rcnn, build_mask_rcnn, build_retinanet
+from vision.models.semantic import build_semantic_fpn
 
 BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "retinanet": build_retinanet,
     "faster_rcnn": build_faster_rcnn,
     "mask_rcnn": build_mask_rcnn,
+    "semantic_fpn": build_semantic_fpn,
 }
 
 
