@@ -68,6 +68,12 @@ class DataConfig:
     class_cap: int | None = None  # class-balanced: at most this many distinct images per class
     repeat_threshold: float = 0.001  # repeat-factor: LVIS threshold t
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # classification: splits may also be `folder` (a sub-folder per class) or `csv` (path,label[,label...]);
+    # a detection split yields one crop per box, widened by crop_margin of its size on every side.
+    # augment.autoaugment takes timm's policy names ("original", "rand-m9-mstd0.5"), augment.scale the
+    # RandomResizedCrop area range; crop_pct is the eval centre crop (None: timm's default)
+    crop_margin: float = 0.1
+    crop_pct: float | None = None
     crowd_ignore: bool = True  # semantic masks from COCO: crowd regions -> model.ignore_index
 
 
@@ -92,6 +98,17 @@ class ModelConfig:
     nms_thresh: float | None = None
     detections_per_img: int | None = None  # None: torchvision's default for the arch (100, RetinaNet 300)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to the torchvision model
+    # a whole checkpoint of the same arch (vision or torchvision) to fine-tune from; class layers re-created
+    init_from: str | None = None
+    # classifier: input side, loss mode and regularisation (mixup / cutmix: timm's Mixup alphas, 0 = off)
+    image_size: int = 224
+    multi_label: bool = False
+    label_smoothing: float = 0.0
+    drop_rate: float = 0.0
+    se_ratio: float = 0.0625
+    global_pool: str = "avg"
+    mixup: float = 0.0
+    cutmix: float = 0.0
     # semantic_fpn: decoder width, the label that is never learned or scored, and Dice on top of cross-entropy
     seg_channels: int = 128
     ignore_index: int = 255
