@@ -48,10 +48,17 @@ def _detection(cfg: Config) -> Task:
     return build_detection_task(cfg)
 
 
+def _semantic(cfg: Config) -> Task:
+    from vision.engine.tasks.semantic import build_semantic_task
+
+    return build_semantic_task(cfg)
+
+
 TASKS: dict[str, TaskBuilder] = {
     "retinanet": _detection,
     "faster_rcnn": _detection,
     "mask_rcnn": _detection,
+    "semantic_fpn": _semantic,
 }
 
 
