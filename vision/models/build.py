@@ -12,6 +12,7 @@ from torch import nn
 
 from vision.config import ModelConfig
 from vision.errors import ConfigError
+from vision.models.classifier import build_classifier
 from vision.models.detection import build_faster_rcnn, build_mask_rcnn, build_retinanet
 from vision.models.semantic import build_semantic_fpn
 
@@ -20,6 +21,7 @@ BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "faster_rcnn": build_faster_rcnn,
     "mask_rcnn": build_mask_rcnn,
     "semantic_fpn": build_semantic_fpn,
+    "classifier": build_classifier,
 }
 
 
