@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vision.engine.semantic_predict import is_semantic, run_semantic_predict
+
+    if is_semantic(args.weights[0], args.config, args.overrides):
+        return run_semantic_predict(args)
+
     from vision.engine.draw import draw_prediction, save_drawing
     from vision.engine.predictor import Predictor, load_model_for_inference, predict_paths
 
