@@ -54,11 +54,18 @@ def _semantic(cfg: Config) -> Task:
     return build_semantic_task(cfg)
 
 
+def _classification(cfg: Config) -> Task:
+    from vision.engine.tasks.classification import build_classification_task
+
+    return build_classification_task(cfg)
+
+
 TASKS: dict[str, TaskBuilder] = {
     "retinanet": _detection,
     "faster_rcnn": _detection,
     "mask_rcnn": _detection,
     "semantic_fpn": _semantic,
+    "classifier": _classification,
 }
 
 
