@@ -14,6 +14,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="image folder (recursive), glob, list file or one image")
     parser.add_argument("--out", required=True, help="output folder; re-running with it skips images already done")
     parser.add_argument("--config", help="config for a plain torchvision state_dict")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip and multi-scale")
+    parser.add_argument("--tta-scales", type=float, nargs="+", default=[0.8, 1.0, 1.2], help="TTA image scales")
+    parser.add_argument("--fusion", choices=["nms", "soft_nms", "wbf", "sum"], default="wbf",
+                        help="how models (and TTA views) are fused")
+    parser.add_argument("--model-weights", type=float, nargs="+", help="one weight per --weights model")
+    parser.add_argument("--iou", type=float, help="fusion IoU threshold (default: the method's)")
+    parser.add_argument("--skip-score", type=float, default=0.0, help="boxes scoring below it are dropped before fusion")
+    parser.add_argument("--hierarchy", help="class hierarchy JSON: each detection also yields its ancestor classes")
+    parser.add_argument("--hierarchy-merge", choices=["nms", "soft_nms", "wbf", "sum", "none"], default="nms",
+                        help="how overlapping copies of one parent class are merged")
+    parser.add_argument("--csv", action="store_true", help="also write predictions.csv")
     parser.add_argument("--save-images", action="store_true", help="also write each image with its detections drawn")
     parser.add_argument("--draw-thresh", type=float, default=0.3, help="score needed to be drawn")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -24,36 +35,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Checkpoints of other model kinds are dispatched here, before the detection path below.
     from vision.engine.semantic_predict import is_semantic, run_semantic_predict
 
     if is_semantic(args.weights[0], args.config, args.overrides):
         return run_semantic_predict(args)
+    return _run_detection(args)
 
+
+def _run_detection(args: argparse.Namespace) -> int:
+    from vision.engine.device import select_device
+    from vision.engine.distributed import cleanup, dist_info, init_distributed
     from vision.engine.draw import draw_prediction, save_drawing
-    from vision.engine.predictor import Predictor, load_model_for_inference, predict_paths
+    from vision.engine.ensemble_predict import FusionSpec, build_predictor
+    from vision.engine.predictor import hierarchy_expander, predict_paths
 
-    if len(args.weights) > 1:
-        raise VisionError("several --weights: ensembling is done with --fusion, which this build does not have yet")
     paths = list_images(args.source)
     if not paths:
         raise VisionError(f"{args.source}: no images found")
-    model, _, categories = load_model_for_inference(args.weights[0], args.config, args.overrides)
-    predictor = Predictor(model, categories, device=args.device, amp=args.amp)
-    out = Path(args.out)
-    root = Path(args.source) if Path(args.source).is_dir() else None
+    spec = FusionSpec(args.fusion, args.iou, args.skip_score)
+    init_distributed(select_device(args.device))
+    try:
+        predictor = build_predictor(
+            args.weights, config=args.config, overrides=args.overrides, device=args.device, amp=args.amp,
+            tta=args.tta, tta_scales=args.tta_scales, spec=spec, model_weights=args.model_weights,
+        )
+        categories = predictor.categories
+        expand, out_categories = None, None
+        if args.hierarchy:
+            from vision.ensemble import load_hierarchy
 
-    def save(path, image, prediction):
-        rel = Path(path).resolve().relative_to(root.resolve()) if root else Path(Path(path).name)
-        save_drawing(draw_prediction(image, prediction, categories, args.draw_thresh), out / "images" / rel)
+            merge = None if args.hierarchy_merge == "none" else args.hierarchy_merge
+            expand, out_categories = hierarchy_expander(load_hierarchy(args.hierarchy), categories, merge)
+        out = Path(args.out)
+        root = Path(args.source) if Path(args.source).is_dir() else None
 
-    summary = predict_paths(
-        predictor, paths, out, root=root, batch_size=args.batch_size, num_workers=args.workers,
-        on_image=save if args.save_images else None,
-    )
-    for line in summary.skipped:
-        print(f"skipped {line}")
-    print(
-        f"predicted {summary.done} images ({summary.resumed} already done, {len(summary.skipped)} unreadable skipped),"
-        f" {summary.detections} detections -> {out / 'predictions.json'}, {out / 'images.json'}"
-    )
+        def save(path, image, prediction):
+            rel = Path(path).resolve().relative_to(root.resolve()) if root else Path(Path(path).name)
+            save_drawing(draw_prediction(image, prediction, categories, args.draw_thresh), out / "images" / rel)
+
+        summary = predict_paths(
+            predictor, paths, out, root=root, batch_size=args.batch_size, num_workers=args.workers,
+            on_image=save if args.save_images else None, expand=expand, categories=out_categories,
+            write_csv=args.csv,
+        )
+        if dist_info().is_main:
+            for line in summary.skipped:
+                print(f"skipped {line}")
+            written = ", ".join(str(out / n) for n in ["predictions.json", "images.json"] + (["predictions.csv"] * args.csv))
+            print(
+                f"predicted {summary.done} images ({summary.resumed} already done, {len(summary.skipped)} unreadable"
+                f" skipped) with {len(args.weights)} model(s){' + TTA' if args.tta else ''},"
+                f" {summary.detections} detections -> {written}"
+            )
+    finally:
+        cleanup()
     return 0

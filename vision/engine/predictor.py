@@ -3,15 +3,20 @@
 Memory stays flat however large the folder: images flow through a DataLoader with a bounded prefetch
 and each finished image is appended to ``predictions.partial.jsonl`` right away.  That file is also
 what makes a run resumable: re-running with the same ``--out`` skips the images already in it.  At the
-end ``predictions.json`` (COCO results) and ``images.json`` (COCO ``images``) are written from it.
+end ``predictions.json`` (COCO results), ``images.json`` (COCO ``images``) and optionally
+``predictions.csv`` are streamed from it.  Under ``torchrun`` each rank takes every world_size-th image
+and logs to ``predictions.partial.rank<R>.jsonl``; rank 0 merges the logs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import heapq
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,23 +146,74 @@ def _relative_name(path: str, root: Path | None) -> str:
     return path
 
 
-def _read_partial(path: Path) -> dict[str, dict[str, Any]]:
-    """file_name -> {image, results}, for the images a previous run finished (a torn last line is dropped)."""
-    done: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return done
+def _partial_files(out_dir: Path) -> list[Path]:
+    """Every rank's partial log (one file when run as one process), oldest layout first."""
+    return sorted(out_dir.glob("predictions.partial*.jsonl"))
+
+
+def _partial_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    return out_dir / (PARTIAL_NAME if world_size == 1 else f"predictions.partial.rank{rank}.jsonl")
+
+
+def _iter_file(path: Path) -> Iterator[dict[str, Any]]:
+    """Entries of one partial log; a torn line (a run killed mid-write) is skipped."""
     with open(path) as f:
         for line in f:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
-                break
-            done[entry["image"]["file_name"]] = entry
+                continue
+            if isinstance(entry, dict) and "image" in entry:
+                yield entry
+
+
+def _read_partial(path: Path) -> dict[str, dict[str, Any]]:
+    """file_name -> {image, results} of one partial log, held in memory (for small logs only)."""
+    return {e["image"]["file_name"]: e for e in _iter_file(path)} if path.exists() else {}
+
+
+def _done_images(out_dir: Path) -> dict[str, int]:
+    """file_name -> image id for the images a previous run finished (only names and ids are kept)."""
+    done: dict[str, int] = {}
+    for path in _partial_files(out_dir):
+        for entry in _iter_file(path):
+            name, image_id = entry["image"]["file_name"], int(entry["image"]["id"])
+            done[name] = min(image_id, done.get(name, image_id))
     return done
 
 
+def _open_for_append(path: Path):
+    """Append mode, starting on a fresh line if a killed run left half a line behind."""
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "a") as f:
+                f.write("\n")
+    return open(path, "a")
+
+
+Expand = Callable[[list[dict[str, Any]], dict[str, Any]], list[dict[str, Any]]]
+
+
+def hierarchy_expander(hierarchy, categories: Categories, merge: str | None = "nms") -> tuple[Expand, list[dict]]:
+    """Per-image parent-class expansion for ``predict_paths``, and the categories it writes (ancestors added)."""
+    from vision.ensemble import expand_detections, extend_categories
+
+    base = categories.to_coco()
+    cats, _ = extend_categories(base, hierarchy)
+
+    def expand(results: list[dict[str, Any]], image: dict[str, Any]) -> list[dict[str, Any]]:
+        sizes = {image["id"]: (image["width"], image["height"])}
+        expanded, _ = expand_detections(results, hierarchy, base, sizes, merge=merge)
+        return expanded
+
+    return expand, cats
+
+
 def predict_paths(
-    predictor: Predictor,
+    predictor: Any,
     paths: Sequence[str],
     out_dir: str | os.PathLike,
     *,
@@ -166,28 +222,45 @@ def predict_paths(
     num_workers: int = 2,
     on_image: Callable[[str, np.ndarray | None, dict[str, torch.Tensor]], None] | None = None,
     progress: bool = True,
+    expand: Expand | None = None,
+    categories: Sequence[dict] | None = None,
+    write_csv: bool = False,
 ) -> PredictSummary:
-    """Predicts every path not already done in ``out_dir``; writes predictions.json and images.json."""
+    """Predicts every path not already done in ``out_dir``; writes predictions.json and images.json.
+
+    ``predictor`` is anything with ``predict(images)``, ``categories`` and ``device`` (a ``Predictor``,
+    a TTA or ensemble wrapper).  ``expand`` post-processes one image's COCO results (parent classes);
+    ``categories`` are then the categories written (default: the predictor's).  Under ``torchrun``
+    each rank predicts every world_size-th image still to do into its own log, and rank 0 writes the
+    merged outputs; the returned summary is the whole world's.
+    """
     from tqdm import tqdm
 
+    from vision.engine.distributed import all_gather_object, dist_info
+
+    info = dist_info()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial_path = out_dir / PARTIAL_NAME
-    done = _read_partial(partial_path)
+    done = _done_images(out_dir)
     root_path = Path(root) if root is not None and Path(root).is_dir() else None
     names = [_relative_name(p, root_path) for p in paths]
-    next_id = max([e["image"]["id"] for e in done.values()], default=0) + 1
-    todo = [i for i, n in enumerate(names) if n not in done]
-    summary = PredictSummary(resumed=len(paths) - len(todo))
+    first_id = max(done.values(), default=0) + 1
+    first_index: dict[str, int] = {}
+    for i, n in enumerate(names):  # a file listed twice is predicted once
+        first_index.setdefault(n, i)
+    todo = [i for n, i in first_index.items() if n not in done]
+    # Ids are fixed before sharding, so every rank numbers its images the way one process would.
+    mine = list(range(info.rank, len(todo), info.world_size))
+    summary = PredictSummary(resumed=len(first_index) - len(todo))
     loader = DataLoader(
-        ImageFiles([paths[i] for i in todo]),
+        ImageFiles([paths[todo[j]] for j in mine]),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_keep_lists,
         pin_memory=predictor.device.type == "cuda",
     )
-    with open(partial_path, "a") as partial, tqdm(
-        total=len(todo), desc="predict", unit="img", disable=not progress, dynamic_ncols=True
+    with _open_for_append(_partial_path(out_dir, info.rank, info.world_size)) as partial, tqdm(
+        total=len(mine), desc="predict", unit="img", disable=not progress or not info.is_main, dynamic_ncols=True
     ) as bar:
         for batch in loader:
             good = [(i, img) for i, img, err in batch if err is None]
@@ -197,32 +270,86 @@ def predict_paths(
                     log.warning("skipping unreadable image: %s", err)
             outputs = predictor.predict([img for _, img in good]) if good else []
             for (i, img), pred in zip(good, outputs):
-                path, name = paths[todo[i]], names[todo[i]]
-                image_entry = {"id": next_id, "file_name": name, "width": int(img.shape[2]), "height": int(img.shape[1])}
-                results = prediction_to_results(next_id, pred, predictor.categories)
+                j = mine[i]
+                path, name = paths[todo[j]], names[todo[j]]
+                image_id = first_id + j
+                image_entry = {"id": image_id, "file_name": name, "width": int(img.shape[2]), "height": int(img.shape[1])}
+                results = prediction_to_results(image_id, pred, predictor.categories)
+                if expand is not None:
+                    results = expand(results, image_entry)
                 partial.write(json.dumps({"image": image_entry, "results": results}) + "\n")
-                next_id += 1
                 summary.done += 1
                 summary.detections += len(results)
                 if on_image is not None:
                     on_image(path, img.permute(1, 2, 0).numpy(), pred)
             partial.flush()
             bar.update(len(batch))
-    write_outputs(out_dir, predictor.categories)
+    if info.enabled:
+        parts = all_gather_object(summary)
+        summary = PredictSummary(
+            done=sum(s.done for s in parts),
+            resumed=summary.resumed,
+            skipped=sorted(e for s in parts for e in s.skipped),
+            detections=sum(s.detections for s in parts),
+        )
+    if info.is_main:
+        cats = list(categories) if categories is not None else predictor.categories.to_coco()
+        write_outputs(out_dir, cats, write_csv=write_csv)
     return summary
 
 
-def write_outputs(out_dir: Path, categories: Categories) -> None:
-    """predictions.json + images.json from the partial log, each written atomically."""
-    entries = list(_read_partial(out_dir / PARTIAL_NAME).values())
-    images = sorted((e["image"] for e in entries), key=lambda im: im["id"])
-    results = [r for e in sorted(entries, key=lambda e: e["image"]["id"]) for r in e["results"]]
-    _atomic_json(out_dir / "predictions.json", results)
-    _atomic_json(out_dir / "images.json", {"images": images, "categories": categories.to_coco()})
+def _merged_entries(out_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every finished image once (the first run that did it wins), in image-id order, streamed.
+
+    Each log is in id order (ids only grow, run after run), so a k-way merge keeps memory flat.
+    """
+    keep = set(_done_images(out_dir).values())
+    streams = [_iter_file(p) for p in _partial_files(out_dir)]
+    for entry in heapq.merge(*streams, key=lambda e: e["image"]["id"]):
+        image_id = entry["image"]["id"]
+        if image_id in keep:
+            keep.discard(image_id)
+            yield entry
+
+
+def write_outputs(out_dir: Path, categories: Categories | Sequence[dict], write_csv: bool = False) -> None:
+    """predictions.json + images.json (+ predictions.csv) from the partial logs, each written atomically.
+
+    Results are streamed from the logs to the files, so only the images list is held in memory.
+    """
+    out_dir = Path(out_dir)
+    cats = categories.to_coco() if isinstance(categories, Categories) else [dict(c) for c in categories]
+    name_of = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
+    images: list[dict[str, Any]] = []
+    pred_tmp = out_dir / ".predictions.json.tmp"
+    csv_tmp = out_dir / ".predictions.csv.tmp"
+    with open(pred_tmp, "w") as pf, contextlib.ExitStack() as stack:
+        writer = None
+        if write_csv:
+            writer = csv.writer(stack.enter_context(open(csv_tmp, "w", newline="")))
+            writer.writerow(["file_name", "class", "score", "x1", "y1", "x2", "y2"])
+        pf.write("[")
+        first = True
+        for entry in _merged_entries(out_dir):
+            image = entry["image"]
+            images.append(image)
+            for r in entry["results"]:
+                pf.write(("" if first else ", ") + json.dumps(r))
+                first = False
+                if writer is not None:
+                    x, y, w, h = r["bbox"]
+                    writer.writerow([
+                        image["file_name"], name_of.get(int(r["category_id"]), r["category_id"]),
+                        f"{r['score']:.6g}", f"{x:.2f}", f"{y:.2f}", f"{x + w:.2f}", f"{y + h:.2f}",
+                    ])
+        pf.write("]")
+    os.replace(pred_tmp, out_dir / "predictions.json")
+    if write_csv:
+        os.replace(csv_tmp, out_dir / "predictions.csv")
+    _atomic_json(out_dir / "images.json", {"images": images, "categories": cats})
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
-
