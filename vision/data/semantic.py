@@ -117,6 +117,7 @@ def read_mask_folder(
     images_dir: str, masks_dir: str, class_names: Sequence[str] | None, ids_file: str | None = None
 ) -> SemanticSet:
     """Pairs every image under ``images_dir`` with ``masks_dir/<same relative path>.png``."""
+    categories = _class_names(class_names, masks_dir)
     images_root, masks_root = Path(images_dir), Path(masks_dir)
     if not images_root.is_dir():
         raise DataError(images_dir, "image folder not found")
@@ -135,11 +136,12 @@ def read_mask_folder(
         if not mask.is_file():
             raise DataError(str(p), f"no mask for this image (expected {mask})")
         items.append(SemanticItem(i + 1, str(p), str(mask)))
-    return SemanticSet(_class_names(class_names, masks_dir), items, source=masks_dir)
+    return SemanticSet(categories, items, source=masks_dir)
 
 
 def read_mask_list(list_file: str, class_names: Sequence[str] | None) -> SemanticSet:
     """``image mask`` per line (``#`` comments and blank lines skipped); paths relative to the file."""
+    categories = _class_names(class_names, list_file)
     try:
         lines = Path(list_file).read_text().splitlines()
     except OSError as e:
@@ -157,7 +159,7 @@ def read_mask_list(list_file: str, class_names: Sequence[str] | None) -> Semanti
         if not Path(mask).is_file():
             raise DataError(list_file, f"line {n}: mask {mask} not found")
         items.append(SemanticItem(len(items) + 1, image, mask))
-    return SemanticSet(_class_names(class_names, list_file), items, source=list_file)
+    return SemanticSet(categories, items, source=list_file)
 
 
 def read_coco_semantic(ann: str, images_dir: str | None = None) -> SemanticSet:

@@ -29,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def _conv_gn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.GroupNorm(math.gcd(32, out_channels), out_channels),
+        nn.GroupNorm(math.gcd(32, max(1, out_channels // 2)), out_channels),  # >= 2 channels per group
         nn.ReLU(inplace=True),
     ]
 
