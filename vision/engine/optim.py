@@ -48,12 +48,95 @@ def param_groups(
     return groups
 
 
+def backbone_stage_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Parameter name -> stage index (stem 0, then each stage) for the timm backbone inside ``model``.
+
+    The stages are timm's own coarse grouping (``group_matcher(coarse=True)`` of the full model the
+    feature network was made from, as ``timm.models.group_parameters`` applies it); feature networks that
+    flatten child names (``stages_0``) are matched to the full model's (``stages.0``).  The second value
+    is the number of layers: the stages plus one for everything outside the backbone (FPN, heads).
+    """
+    import timm
+    from timm.models import group_parameters
+
+    from vision.models.backbone import _source_candidates
+
+    for prefix, module in model.named_modules():
+        arch = _timm_architecture(module)
+        if arch is None:
+            continue
+        with torch.device("meta"):
+            full = timm.create_model(arch, pretrained=False)
+        if not hasattr(full, "group_matcher"):
+            continue
+        full_ids = group_parameters(full, full.group_matcher(coarse=True), reverse=True)
+        head_id = max(full_ids.values())
+        ids: dict[str, int] = {}
+        for name, _ in module.named_parameters():
+            found = next((full_ids[c] for c in _source_candidates(name) if c in full_ids), None)
+            if found is not None and found < head_id:
+                ids[f"{prefix}.{name}" if prefix else name] = found
+        if ids:
+            return ids, head_id + 1
+    raise ConfigError("train.layer_decay: found no timm backbone with stage groups in the model")
+
+
+def _timm_architecture(module: nn.Module) -> str | None:
+    if not hasattr(module, "feature_info"):
+        return None
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else getattr(cfg, "architecture", None)
+    return arch if isinstance(arch, str) else None
+
+
+class _StageGrouped:
+    """``model`` as timm's ``param_groups_layer_decay`` sees it: its parameters and a stage matcher."""
+
+    def __init__(self, model: nn.Module, ids: dict[str, int], layer_max: int):
+        self.model, self.ids, self.layer_max = model, ids, layer_max
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def group_matcher(self, coarse: bool = False):
+        return lambda name: self.ids.get(name, self.layer_max)
+
+
+def layer_decay_groups(
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, trainable_later: Iterable[str] = ()
+) -> list[dict[str, object]]:
+    """timm's ``param_groups_layer_decay`` over the backbone's stages: the parameters of the stage k
+    layers below the top (the FPN / head) learn at ``lr * layer_decay ** k``.
+
+    Parameters frozen now and unfrozen later (``trainable_later``) are placed in their groups too.
+    """
+    from timm.optim import param_groups_layer_decay
+
+    if not 0.0 < layer_decay <= 1.0:
+        raise ConfigError(f"train.layer_decay must be in (0, 1], got {layer_decay}")
+    ids, num_layers = backbone_stage_ids(model)
+    later = [p for n, p in model.named_parameters() if n in set(trainable_later) and not p.requires_grad]
+    for p in later:
+        p.requires_grad_(True)
+    try:
+        groups = param_groups_layer_decay(
+            _StageGrouped(model, ids, num_layers - 1), weight_decay=weight_decay, layer_decay=layer_decay
+        )
+    finally:
+        for p in later:
+            p.requires_grad_(False)
+    for g in groups:
+        g["lr"] = lr * float(g["lr_scale"])
+    return groups
+
+
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, trainable_later: Iterable[str] = ()
 ) -> torch.optim.Optimizer:
     if cfg.layer_decay is not None:
-        raise ConfigError("train.layer_decay is not supported by the detection trainer; leave it unset")
-    groups = param_groups(model, cfg.weight_decay, trainable_later)
+        groups = layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, trainable_later)
+    else:
+        groups = param_groups(model, cfg.weight_decay, trainable_later)
     if not groups:
         raise ConfigError("the model has no trainable parameters (check train.freeze / model.frozen_stages)")
     name = cfg.optimizer.lower()
