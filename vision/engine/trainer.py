@@ -784,6 +784,10 @@ def build_trainer(cfg: Config, run_dir: str | Path, hooks: Sequence[Hook] = ()) 
 
     task = build_task(cfg)
     model = build_model(cfg.model)
+    if cfg.model.init_from:  # fine-tuning: every weight of a same-arch checkpoint, class layers re-created
+        from vision.models.weights import load_model_weights
+
+        load_model_weights(model, cfg.model.init_from)
     return Trainer(
         cfg, run_dir, model=model, train_set=task.train_set, train_dataset=task.train_dataset,
         val_set=task.val_set, val_dataset=task.val_dataset, evaluator=task.evaluate, collate_fn=task.collate,
