@@ -12,8 +12,9 @@ trainer of its own:
 
 Normalisation (the backbone's pretrained mean / std) happens inside, so inputs are plain [0, 1] images
 as for the detectors, and a list of differently sized images is resized to ``image_size``.  The
-feature network sits at ``body`` as in the detectors' ``backbone.body``: a classifier checkpoint given
-as a detector's ``model.pretrained`` (or the other way round) finds its backbone weights.
+feature network sits at ``backbone.body`` as in the detectors: ``train.freeze=backbone`` means the same
+for both, and a classifier checkpoint given as a detector's ``model.pretrained`` (or the other way
+round) finds its backbone weights.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ class ClassifierHead(nn.Module):
         return self.fc(self.drop(self.pool(self.se(features))))
 
 
+class FeatureBackbone(nn.Module):
+    """Holds the timm feature network at ``body``, the place detectors keep theirs."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.body(x)
+
+
 class Classifier(nn.Module):
     """timm feature network + ``ClassifierHead``, with its losses (see the module docstring)."""
 
@@ -79,7 +91,7 @@ class Classifier(nn.Module):
         std: Sequence[float] = (0.229, 0.224, 0.225),
     ):
         super().__init__()
-        self.body = body
+        self.backbone = FeatureBackbone(body)
         self.channels = int(body.feature_info.channels()[-1])
         self.head = ClassifierHead(self.channels, num_classes, se_ratio, global_pool, drop_rate)
         self.num_classes = num_classes
@@ -118,7 +130,7 @@ class Classifier(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of a normalised batch."""
-        f = self.body(x)[-1]
+        f = self.backbone(x)[-1]
         if f.shape[1] != self.channels and f.shape[-1] == self.channels:  # a channels-last feature network
             f = f.permute(0, 3, 1, 2)
         return self.head(f)
@@ -182,4 +194,4 @@ def build_classifier(cfg: ModelConfig) -> Classifier:
 
 
 
-__all__ = ["Classifier", "ClassifierHead", "build_classifier"]
+__all__ = ["Classifier", "ClassifierHead", "FeatureBackbone", "build_classifier"]
