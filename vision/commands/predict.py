@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
     if is_semantic(args.weights[0], args.config, args.overrides):
         return run_semantic_predict(args)
+    from vision.engine.cls_predict import is_classifier_checkpoint, run_classifier_predict
+
+    if is_classifier_checkpoint(args.weights[0]):
+        return run_classifier_predict(args)
     return _run_detection(args)
 
 

@@ -179,3 +179,26 @@ def predict_images(
         for r in results:
             w.writerow([r["file_name"], r["top_k"][0]["class"], f"{r['top_k'][0]['score']:.6f}"])
     return {"done": len(results), "skipped": skipped, "out": str(out)}
+
+
+def run_classifier_predict(args: Any) -> int:
+    """``vision predict`` with a classifier checkpoint (the command's parsed arguments)."""
+    from vision.data.image_io import list_images
+    from vision.errors import VisionError
+
+    if len(args.weights) > 1:
+        raise VisionError("several --weights: ensembling classifiers is not supported")
+    paths = list_images(args.source)
+    if not paths:
+        raise VisionError(f"{args.source}: no images found")
+    root = args.source if Path(args.source).is_dir() else None
+    summary = predict_images(
+        args.weights[0], paths, args.out, config=args.config, overrides=args.overrides,
+        batch_size=max(1, args.batch_size), device=args.device, root=root,
+    )
+    for line in summary["skipped"]:
+        print(f"skipped {line}")
+    out = Path(args.out)
+    print(f"classified {summary['done']} images ({len(summary['skipped'])} unreadable skipped) -> "
+          f"{out / 'predictions.json'}, {out / 'predictions.csv'}")
+    return 0
