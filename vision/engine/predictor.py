@@ -134,7 +134,16 @@ class Predictor:
         batch = [img.to(self.device, non_blocking=True).float().div_(255.0) for img in images]
         with autocast(self.device, self.amp):
             outputs = self.model(batch)
-        return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+        return [_drop_background({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()})
+                for o in outputs]
+
+
+def _drop_background(pred: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """RetinaNet scores label 0 like any class; 0 is background in our labels, so it is never an answer."""
+    keep = pred["labels"] > 0
+    if bool(keep.all()):
+        return pred
+    return {k: v[keep] if v.ndim and len(v) == len(keep) else v for k, v in pred.items()}
 
 
 def _relative_name(path: str, root: Path | None) -> str:
