@@ -178,3 +178,20 @@ def test_400_instances_train_and_predict(crowded_data):
     assert out["masks"].shape == (n, 1, 160, 160)
     results = evaluate_detections(det_set, {1: out}, ("segm",), max_dets=400)
     assert np.isfinite(results["segm"]["AP"])
+
+
+def test_ap_with_more_than_100_detections_per_image():
+    """150 objects found exactly: AP is 1 at a 400-detection limit (COCO's 100 would cap recall)."""
+    from vision.engine.coco_eval import evaluate_coco
+
+    boxes = [[10.0 * (k % 15), 10.0 * (k // 15), 8.0, 8.0] for k in range(150)]
+    gt = {"images": [{"id": 1, "file_name": "a.png", "width": 160, "height": 160}],
+          "categories": [{"id": 1, "name": "dot"}],
+          "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": 64.0, "iscrowd": 0}
+                          for k, b in enumerate(boxes)]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 1.0 - k / 1000} for k, b in enumerate(boxes)]
+    m400 = evaluate_coco(gt, dets, "bbox", max_dets=400)
+    assert m400["bbox"]["AP"] == pytest.approx(1.0) and m400["bbox"]["AP50"] == pytest.approx(1.0)
+    assert "maxDets=400 ] = 1.000" in m400["summary"].splitlines()[0]
+    m100 = evaluate_coco(gt, dets, "bbox")
+    assert m100["bbox"]["AR100"] == pytest.approx(100 / 150)

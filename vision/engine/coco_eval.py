@@ -100,6 +100,8 @@ def evaluate_coco(
         summary = out.getvalue()
         stats = ev.stats
         precision = ev.eval["precision"]
+        if max_dets is not None and 100 not in ev.params.maxDets:
+            stats, summary = _ap_at_last_limit(stats, summary, precision, max_dets)
     if verbose and summary:
         print(summary, end="")
     per_class = {}
@@ -114,6 +116,23 @@ def evaluate_coco(
             ap = float(p.mean()) if p.size else -1.0
         per_class[str(cat.get("name", cat["id"]))] = ap
     return {iou_type: dict(zip(STAT_NAMES, (float(s) for s in stats))), "per_class": per_class, "summary": summary}
+
+
+def _ap_at_last_limit(stats: np.ndarray, summary: str, precision: np.ndarray, max_dets: int) -> tuple[np.ndarray, str]:
+    """The first AP at ``max_dets`` detections per image.
+
+    pycocotools' ``summarize`` takes its first AP at a fixed 100 detections, which is not among the
+    limits once they are changed, and reports -1 for it; every other AP already uses the last limit.
+    """
+    p = precision[:, :, :, 0, -1]
+    ap = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    stats = np.array(stats, dtype=float)
+    stats[0] = ap
+    lines = summary.splitlines(keepends=True)
+    if lines:
+        head, _, _ = lines[0].rpartition("=")
+        lines[0] = head.replace("maxDets=100", f"maxDets={max_dets:>3d}") + f"= {ap:0.3f}\n"
+    return stats, "".join(lines)
 
 
 def format_per_class(per_class: Mapping[str, float], title: str = "AP") -> str:
