@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boxes", type=int, default=300)
     ap.add_argument("--classes", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", help="only these cases (e.g. wbf 'soft_nms linear')")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     images = [make_image(rng, args.models, args.boxes, args.classes) for _ in range(args.images)]
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         ("wbf", ensemble_boxes.weighted_boxes_fusion, ve.weighted_boxes_fusion,
          {"iou_thr": 0.55, "skip_box_thr": 0.0, "weights": weights}, ("wbf", {})),
     ]
+    if args.methods:
+        cases = [c for c in cases if c[0] in args.methods]
     n = len(images)
     print(f"{n} images x {args.models} models x {args.boxes} boxes x {args.classes} classes; "
           "CPU ms per image; 'per call' = the drop-in called image by image, 'batched' = fuse_batch on all images")

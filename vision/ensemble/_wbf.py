@@ -195,6 +195,7 @@ def wbf(
     cols = np.arange(nmax)
     act = np.searchsorted(-row_sizes, -np.arange(nmax), side="left").tolist()  # rows with size > k
     mask_unmatchable = iou_thr < 0 or check_label
+    mul_reduce, max_reduce = np.multiply.reduce, np.maximum.reduce
 
     a = act[0]
     F2[:, :a] = BT[:, 0, :a]
@@ -223,7 +224,7 @@ def wbf(
             iou[invalid] = -1
         best = iou.argmax(axis=0)
         ara = ar[:a]
-        match = iou[best, ara] > iou_thr
+        match = max_reduce(iou, axis=0) > iou_thr
         c = np.where(match, best, n_clusters[:a])
         fi = c * G + ara
         x = X2.take(fi, axis=1)
@@ -233,7 +234,7 @@ def wbf(
         np.divide(x[:4], x[4], out=q)  # float64 division, rounded to float32
         x[5:9] = q
         wh = x[7:9] + x[5:7]  # the negated width and height
-        np.multiply(wh[0], wh[1], out=x[9])
+        mul_reduce(wh, axis=0, out=x[9])
         unmatched = ~match
         np.copyto(x[5:], b, where=unmatched)
         X2[:, fi] = x
@@ -241,15 +242,17 @@ def wbf(
         n_clusters[:a] += unmatched
         if check_label:
             counts[c, ara] += 1
-        mc = int(np.maximum.reduce(n_clusters[:a]))
+        mc = int(max_reduce(n_clusters[:a]))
 
     # Per-cluster statistics; sums run in the order members joined, as ensemble-boxes adds them.
     cs = member_t[pos, rows] * G + rows  # cluster slot of each sorted box
-    slot_rank = np.full(size, -1, dtype=np.int64)
-    slot_rank[slot] = np.arange(n_total)
-    joined = slot_rank[slot_rank >= 0]  # sorted boxes in step-major order
     count = np.bincount(cs, minlength=size)
-    wsum = np.bincount(cs[joined], weights=p.weight[order][joined], minlength=size)
+    needs_wsum = conf_type in ("box_and_model_avg", "absent_model_aware_avg")
+    if needs_wsum:
+        slot_rank = np.full(size, -1, dtype=np.int64)
+        slot_rank[slot] = np.arange(n_total)
+        joined = slot_rank[slot_rank >= 0]  # sorted boxes in step-major order
+        wsum = np.bincount(cs[joined], weights=p.weight[order][joined], minlength=size)
 
     # Clusters in ensemble-boxes' concatenation order: groups by (image, first appearance), clusters
     # by creation.
@@ -268,8 +271,9 @@ def wbf(
     else:
         stored_score = np.where(single, conf, np.float32(conf / cnt))
     stored_score = stored_score.astype(np.float64)
-    wsum = wsum[flat]
-    stored_w = np.where(single, wsum, np.float32(wsum).astype(np.float64))
+    if needs_wsum:
+        wsum = wsum[flat]
+        stored_w = np.where(single, wsum, np.float32(wsum).astype(np.float64))
     lab = group_label[gg].astype(np.float64)
     lab = np.where(single, lab, np.float32(lab).astype(np.float64))
 
