@@ -32,7 +32,7 @@ def train_model(data: str, minutes: float, seed: int, backbone: str | None, out:
     from vision.config import load_config
     from vision.engine.trainer import train
 
-    overrides = [f"data.root={data}", f"train.time_budget_min={minutes}", f"train.seed={seed}",
+    overrides = [f"data.root={data}", f"train.time_budget_min={minutes}", f"train.seed={seed}", "train.log_every=5",
                  f"name=bccd_ens_seed{seed}"]
     if backbone:
         overrides.append(f"model.backbone={backbone}")
