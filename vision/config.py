@@ -73,6 +73,7 @@ class DataConfig:
     # augment.autoaugment takes timm's policy names ("original", "rand-m9-mstd0.5"), augment.scale the
     # RandomResizedCrop area range; crop_pct is the eval centre crop (None: timm's default)
     crop_margin: float = 0.1
+    crop_min_size: int = 0  # crops narrower than this (pixels) widen around the box: object size stays visible
     crop_pct: float | None = None
     crowd_ignore: bool = True  # semantic masks from COCO: crowd regions -> model.ignore_index
 
