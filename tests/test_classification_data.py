@@ -75,6 +75,19 @@ def test_crop_box_margin_by_hand() -> None:
     assert crop_box((10, 20, 50, 40), 100, 60, 0.0) == (10, 20, 50, 40)
 
 
+def test_crop_min_size_widens_small_boxes_about_their_centre() -> None:
+    # a 10x10 box, at least 30 px: centre (45, 25) -> 30..60 x 10..40
+    assert crop_box((40, 20, 50, 30), 100, 60, 0.0, 30) == (30, 10, 60, 40)
+    # near the top-left corner the window shifts inside the image: -8..22 -> 0..30
+    assert crop_box((2, 2, 12, 12), 100, 60, 0.0, 30) == (0, 0, 30, 30)
+    # near the bottom-right corner: 79..109 -> 70..100, 39..69 -> 30..60
+    assert crop_box((90, 50, 98, 58), 100, 60, 0.0, 30) == (70, 30, 100, 60)
+    # larger than the image: the whole side
+    assert crop_box((0, 0, 10, 10), 20, 20, 0.0, 30) == (0, 0, 20, 20)
+    # the margin first (40x20 box + 25%: 60x30), then the minimum only where it is larger (y: 30 -> 40)
+    assert crop_box((10, 20, 50, 40), 100, 60, 0.25, 40) == (0, 10, 60, 50)
+
+
 def _coco(tmp_path) -> tuple:
     img = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     _write(tmp_path / "images" / "a.png", img)

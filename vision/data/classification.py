@@ -136,17 +136,37 @@ def read_label_csv(
     return ClassificationSet(Categories.from_names(names), samples, str(path))
 
 
-def crop_box(box: Sequence[float], width: int, height: int, margin: float) -> Box:
-    """The crop around ``box`` (xyxy): widened by ``margin`` of its width / height on every side,
-    clipped to the image, outward to whole pixels."""
+def _span(lo: float, hi: float, min_len: float, limit: int) -> tuple[int, int]:
+    """[lo, hi) widened about its centre to ``min_len`` (shifted back inside [0, limit) where it fits),
+    then clipped and taken outward to whole pixels."""
+    if hi - lo < min_len:
+        centre = (lo + hi) / 2
+        lo, hi = centre - min_len / 2, centre + min_len / 2
+        if lo < 0:
+            lo, hi = 0.0, hi - lo
+        if hi > limit:
+            lo, hi = lo - (hi - limit), float(limit)
+    a, b = max(0, math.floor(lo)), min(limit, math.ceil(hi))
+    return int(a), int(max(b, a + 1))
+
+
+def crop_box(box: Sequence[float], width: int, height: int, margin: float, min_size: int = 0) -> Box:
+    """The crop around ``box`` (xyxy): widened by ``margin`` of its width / height on every side, then to
+    at least ``min_size`` pixels a side about its centre, clipped to the image, outward to whole pixels.
+
+    ``min_size`` keeps small objects small: without it every crop fills the network's input, and a
+    platelet looks as large as a white cell.
+    """
     x1, y1, x2, y2 = (float(v) for v in box)
     mw, mh = margin * (x2 - x1), margin * (y2 - y1)
-    cx1, cy1 = max(0, math.floor(x1 - mw)), max(0, math.floor(y1 - mh))
-    cx2, cy2 = min(width, math.ceil(x2 + mw)), min(height, math.ceil(y2 + mh))
-    return int(cx1), int(cy1), int(max(cx2, cx1 + 1)), int(max(cy2, cy1 + 1))
+    cx1, cx2 = _span(x1 - mw, x2 + mw, min_size, width)
+    cy1, cy2 = _span(y1 - mh, y2 + mh, min_size, height)
+    return cx1, cy1, cx2, cy2
 
 
-def crops_from_detections(det_set: DetectionSet, margin: float = 0.1, skip_difficult: bool = False) -> ClassificationSet:
+def crops_from_detections(
+    det_set: DetectionSet, margin: float = 0.1, skip_difficult: bool = False, min_size: int = 0
+) -> ClassificationSet:
     """Every (non-crowd) box of a detection set as a labelled crop."""
     if margin < 0:
         raise ConfigError(f"data.crop_margin must be >= 0, got {margin}")
@@ -158,13 +178,13 @@ def crops_from_detections(det_set: DetectionSet, margin: float = 0.1, skip_diffi
         for box, label in zip(r.boxes[keep], r.labels[keep]):
             if box[2] <= box[0] or box[3] <= box[1]:
                 continue
-            samples.append(ClassSample(r.path, (int(label) - 1,), crop_box(box, r.width, r.height, margin)))
+            samples.append(ClassSample(r.path, (int(label) - 1,), crop_box(box, r.width, r.height, margin, min_size)))
     return ClassificationSet(det_set.categories, samples, det_set.source, list(det_set.skipped_images))
 
 
 def read_classification_split(
     split: SplitConfig, root: str = "", class_names: Sequence[str] | None = None, margin: float = 0.1,
-    skip_difficult: bool = False,
+    skip_difficult: bool = False, min_size: int = 0,
 ) -> ClassificationSet:
     """One split, by its ``format``: ``folder``, ``csv`` or a detection format (crops of its boxes)."""
     if split.format == "folder":
@@ -180,8 +200,8 @@ def read_classification_split(
     if split.format in DETECTION_FORMATS:
         from vision.data.build import read_split
 
-        return crops_from_detections(read_split(split, root, list(class_names) if class_names else None),
-                                     margin, skip_difficult)
+        det_set = read_split(split, root, list(class_names) if class_names else None)
+        return crops_from_detections(det_set, margin, skip_difficult, min_size)
     raise ConfigError(
         f"unknown data format '{split.format}' for classification (folder, csv, {', '.join(DETECTION_FORMATS)})"
     )
@@ -205,10 +225,11 @@ def drop_unreadable_samples(cls_set: ClassificationSet) -> ClassificationSet:
 def build_classification_sets(cfg: Config, check_images: bool = True) -> tuple[ClassificationSet, ClassificationSet]:
     """Train and val sets of a config; val takes train's class names, so indices agree."""
     d = cfg.data
-    train = read_classification_split(d.train, d.root, d.class_names, d.crop_margin, d.skip_difficult)
+    crop = dict(margin=d.crop_margin, skip_difficult=d.skip_difficult, min_size=d.crop_min_size)
+    train = read_classification_split(d.train, d.root, d.class_names, **crop)
     names = list(train.categories.names)
     has_val = bool(d.val.ann or (d.val.format == "folder" and d.val.images))
-    val = read_classification_split(d.val, d.root, names, d.crop_margin, d.skip_difficult) if has_val else train
+    val = read_classification_split(d.val, d.root, names, **crop) if has_val else train
     if list(val.categories.names) != names:
         raise ConfigError(f"train and val class names differ: {names} vs {list(val.categories.names)}")
     if check_images:
