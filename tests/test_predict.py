@@ -250,3 +250,16 @@ def test_torchrun_ranks_share_images_and_rank0_merges(tmp_path, ckpts) -> None:
         rows = list(csv.reader(f))[1:]
     dets = json.loads((out / "predictions.json").read_text())
     assert len(rows) == len(dets) and {r[0] for r in rows} == set(good)
+
+
+def test_tta_cli_predicts_inside_the_image(tmp_path, ckpts) -> None:
+    _good_images(tmp_path / "imgs", 1)
+    assert main(["predict", "--weights", ckpts[0], "--source", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
+                 "--workers", "0", "--tta", "--tta-scales", "1.0", "1.5"]) == 0
+    dets = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    image = _images(tmp_path / "out")["img0.jpg"]
+    assert dets and all(d["image_id"] == image["id"] for d in dets)
+    for d in dets:
+        x, y, w, h = d["bbox"]
+        assert x >= -1e-3 and y >= -1e-3 and x + w <= image["width"] + 1e-3 and y + h <= image["height"] + 1e-3
+        assert d["category_id"] in (1, 2) and 0 < d["score"] <= 1
