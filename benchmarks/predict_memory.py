@@ -3,7 +3,8 @@
 Usage:
     python benchmarks/predict_memory.py [--small 200] [--large 2000] [--size 96] [--workers 2]
 
-Small generated JPEGs and a tiny RetinaNet (timm's ``test_resnet``) so the run takes minutes.  Each
+Small generated JPEGs and a tiny RetinaNet (timm's ``test_resnet``, 20 detections per image, so results
+flow through the partial log and the writers too) so the run takes minutes.  Each
 folder is predicted by ``vision predict`` in a fresh process; this script samples, every 50 ms, the
 resident memory (RSS from /proc) of that process plus its decoding workers and keeps the peak of the
 sum.  Prints both peaks; the last line is their ratio (acceptance: at most 1.10).
@@ -34,7 +35,7 @@ def make_checkpoint(path: Path) -> None:
     torch.manual_seed(0)
     cfg = Config()
     cfg.model = ModelConfig(arch="retinanet", backbone="test_resnet", num_classes=3, fpn_channels=16,
-                            min_size=[96], max_size=128, score_thresh=0.05, detections_per_img=50)
+                            min_size=[96], max_size=128, score_thresh=0.0, detections_per_img=20)
     model = build_model(cfg.model)
     torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": ["a", "b", "c"],
                 "arch": "retinanet"}, path)
