@@ -1,7 +1,7 @@
 """Nuclei instance segmentation from scratch: vision's Mask R-CNN recipe against the torchvision peer.
 
 Usage:
-    python benchmarks/nuclei_instance.py [DATA] [--minutes 60] [--peer]
+    python benchmarks/nuclei_instance.py [DATA] [--minutes 60] [--peer] [--val-images N]
         [--peer-script ../shared/baselines/nuclei_torchvision_baseline.py] [key=value ...]
 
 Trains ``configs/nuclei_mask_rcnn.yaml`` on train.json for a wall-clock budget, then evaluates the
@@ -84,6 +84,7 @@ def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_image
     task = build_task(cfg)
     if val_images:  # a quick check of the whole path, not a benchmark figure
         task.val_set.records = task.val_set.records[:val_images]
+    task.val_dataset.with_masks = False  # prediction needs the images only; COCOeval reads the masks itself
     model = build_model(cfg.model)
     trainer = Trainer(
         cfg, out / cfg.name, model=model, train_set=task.train_set, train_dataset=task.train_dataset,
@@ -97,6 +98,41 @@ def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_image
             "segm": {k: m["segm"][k] for k in ("AP", "AP50")}}
 
 
+def memory_check(data: str, extra: list[str]) -> dict[str, Any]:
+    """Peak memory of a training step and a prediction on the most crowded training image, at the recipe size."""
+    import resource
+
+    import torch
+
+    from vision.config import load_config
+    from vision.data.build import read_split
+    from vision.data.dataset import DetectionDataset
+    from vision.data.transforms import build_train_transform
+    from vision.models import build_model
+
+    def peak_gb() -> float:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+    cfg = load_config(ROOT / "configs" / "nuclei_mask_rcnn.yaml", [f"data.root={data}", *extra])
+    train_set = read_split(cfg.data.train, cfg.data.root)
+    k = max(range(len(train_set)), key=lambda i: len(train_set.records[i]))
+    record = train_set.records[k]
+    cfg.model.num_classes = len(train_set.categories)
+    model = build_model(cfg.model)
+    image, target = DetectionDataset(train_set, build_train_transform(cfg.data.augment), with_masks=True)[k]
+    out: dict[str, Any] = {"image": record.file_name, "size": [record.width, record.height],
+                           "instances": len(record), "after_loading_gb": peak_gb()}
+    model.train()
+    losses = model([image, image], [target, target])  # a batch of two such images
+    sum(losses.values()).backward()
+    out["after_train_step_gb"] = peak_gb()
+    model.eval()
+    with torch.no_grad():
+        (pred,) = model([image])
+    out.update(after_prediction_gb=peak_gb(), detections=len(pred["boxes"]))
+    return out
+
+
 def run_peer(data: str, script: Path) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, str(script), "30", "512", data], capture_output=True, text=True, check=True)
     peer = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
@@ -105,15 +141,23 @@ def run_peer(data: str, script: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", default="/work/shared/data/nuclei")
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--peer", action="store_true", help="also run the torchvision peer (30 minutes, 512 px)")
     parser.add_argument("--peer-script", default=str(ROOT.parent / "shared" / "baselines" / "nuclei_torchvision_baseline.py"))
     parser.add_argument("--out", default="runs/bench_nuclei")
     parser.add_argument("--val-images", type=int, help="evaluate on the first N val images only (smoke runs)")
-    parser.add_argument("overrides", nargs="*", help="config overrides for the recipe")
+    parser.add_argument("--memory-check", action="store_true",
+                        help="only measure peak memory of one train step and one prediction on the most crowded image")
+    parser.add_argument("args", nargs="*", metavar="DATA | key=value",
+                        help="the nuclei folder (default /work/shared/data/nuclei) and config overrides")
     args = parser.parse_args()
+    args.overrides = [a for a in args.args if "=" in a]
+    folders = [a for a in args.args if "=" not in a]
+    args.data = folders[0] if folders else "/work/shared/data/nuclei"
 
+    if args.memory_check:
+        print(json.dumps(memory_check(args.data, args.overrides)))
+        return
     ours = run_vision(args.data, args.minutes, Path(args.out), args.overrides, args.val_images)
     print(json.dumps(ours), flush=True)
     peer = run_peer(args.data, Path(args.peer_script)) if args.peer else {"who": "peer (reference)", **PEER_REFERENCE}

@@ -54,12 +54,15 @@ def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_image
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", default="/work/shared/data/nuclei")
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--out", default="runs/bench_nuclei_semantic")
     parser.add_argument("--val-images", type=int, help="evaluate on the first N val images only (smoke runs)")
-    parser.add_argument("overrides", nargs="*", help="config overrides for the recipe")
+    parser.add_argument("args", nargs="*", metavar="DATA | key=value",
+                        help="the nuclei folder (default /work/shared/data/nuclei) and config overrides")
     args = parser.parse_args()
+    args.overrides = [a for a in args.args if "=" in a]
+    folders = [a for a in args.args if "=" not in a]
+    args.data = folders[0] if folders else "/work/shared/data/nuclei"
 
     ours = run_vision(args.data, args.minutes, Path(args.out), args.overrides, args.val_images)
     print(json.dumps(ours), flush=True)
