@@ -299,3 +299,21 @@ def test_classifier_fine_tuning_from_a_classifier_checkpoint(tmp_path) -> None:
     for k in own:
         if not k.startswith("head.fc."):
             assert torch.equal(own[k].cpu(), src[k]), k
+
+
+def test_tiny_multi_label_run_is_scored_by_map(tmp_path) -> None:
+    from vision.engine.trainer import train
+
+    _colour_folder(tmp_path / "data", n=4)
+    rows = []
+    for p in sorted((tmp_path / "data").rglob("*.png")):
+        labels = [p.parent.name] + (["bright"] if p.stem in ("0", "1") else [])
+        rows.append(",".join([str(p), *labels]))
+    (tmp_path / "data" / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    cfg = _cls_cfg(tmp_path, "model.multi_label=true", "data.train.format=csv", "data.train.ann=labels.csv",
+                   "train.epochs=1", "data.sampler=uniform")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["score_name"] == "mAP"
+    m = summary["metrics"]
+    assert set(m["per_class_AP"]) == {"blue", "bright", "red"} and m["num_samples"] == 8
+    assert summary["score"] == pytest.approx(m["mAP"])

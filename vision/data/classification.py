@@ -68,9 +68,9 @@ class ClassificationSet:
         """Each sample's classes: what the class-balanced sampler draws on."""
         return [np.asarray(s.labels, np.int64) for s in self.samples]
 
-    def targets(self) -> np.ndarray:
-        """[N] class indices (single-label) or [N, K] multi-hot rows (multi-label)."""
-        if not self.multi_label:
+    def targets(self, multi_hot: bool | None = None) -> np.ndarray:
+        """[N] class indices, or [N, K] multi-hot rows (``multi_hot``; default: when samples have several)."""
+        if not (self.multi_label if multi_hot is None else multi_hot):
             return np.array([s.labels[0] for s in self.samples], np.int64)
         out = np.zeros((len(self.samples), len(self.categories)), np.float32)
         for i, s in enumerate(self.samples):

@@ -63,14 +63,18 @@ def predict_classification_dataset(
     return preds
 
 
-def evaluate_predictions(data_set: Any, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Metrics of a ``ClassificationSet`` against predictions keyed by sample index."""
+def evaluate_predictions(
+    data_set: Any, predictions: dict[int, dict[str, torch.Tensor]], multi_label: bool | None = None
+) -> dict[str, Any]:
+    """Metrics of a ``ClassificationSet`` against predictions keyed by sample index: top-k accuracy, or
+    mAP when ``multi_label`` (default: when the data set's samples have several labels)."""
     from vision.engine.cls_metrics import classification_metrics, multilabel_metrics
 
     names = list(data_set.categories.names)
     keep = sorted(i for i in predictions if 0 <= i < len(data_set))
     scores = np.stack([predictions[i]["scores"].numpy() for i in keep]) if keep else np.zeros((0, len(names)))
-    targets = data_set.targets()[keep] if keep else data_set.targets()[:0]
+    all_targets = data_set.targets(multi_label)
+    targets = all_targets[keep] if keep else all_targets[:0]
     if targets.ndim == 2:
         return multilabel_metrics(targets, scores, names)
     return classification_metrics(targets, scores, names)
@@ -104,7 +108,7 @@ def evaluate_checkpoint(
         model.to(device), dataset, val_set, device, batch_size=batch_size or max(cfg.data.batch_size, 32),
         num_workers=cfg.data.num_workers,
     )
-    metrics = evaluate_predictions(val_set, preds)
+    metrics = evaluate_predictions(val_set, preds, cfg.model.multi_label)
     write_report(metrics, Path(out_dir) if out_dir else Path(weights).parent)
     return metrics
 

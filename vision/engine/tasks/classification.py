@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from vision.config import Config
 from vision.engine.tasks import Task
 from vision.errors import ConfigError
@@ -34,7 +36,7 @@ def build_classification_task(cfg: Config) -> Task:
         val_dataset=ClassificationDataset(val_set, build_cls_transform(cfg, training=False), multi),
         collate=collate_classification,
         predict=predict_classification_dataset,
-        evaluate=evaluate_predictions,
+        evaluate=functools.partial(evaluate_predictions, multi_label=multi),
         score=classification_score,
         score_name="mAP" if multi else "top-1",
     )
