@@ -204,19 +204,21 @@ def wbf(
     if check_label:
         counts[0, :a] = 1
     mc = 1  # no active row has more clusters than this
+    maximum, minimum, divide, where, copyto = np.maximum, np.minimum, np.divide, np.where, np.copyto
+    take = X2.take
     for k in range(1, nmax):
         a = act[k]
         b = BT[:, k, :a]
         Fk = F[:, :mc, :a]
         # ensemble-boxes: max(min(x2) - max(x1), 0) * max(min(y2) - max(y1), 0); here each factor
         # negated, which leaves the product exact.
-        m = np.maximum(Fk[:4], b[:4, None])
+        m = maximum(Fk[:4], b[:4, None])
         d = m[:2] + m[2:4]
-        np.minimum(d, 0, out=d)
+        minimum(d, 0, out=d)
         inter = d[0] * d[1]
         den = Fk[4] + b[4]
         den -= inter
-        iou = inter / den
+        iou = divide(inter, den, out=den)
         if mask_unmatchable:
             invalid = cols[:mc, None] >= n_clusters[None, :a]
             if check_label:
@@ -224,25 +226,27 @@ def wbf(
             iou[invalid] = -1
         best = iou.argmax(axis=0)
         ara = ar[:a]
-        match = max_reduce(iou, axis=0) > iou_thr
-        c = np.where(match, best, n_clusters[:a])
-        fi = c * G + ara
-        x = X2.take(fi, axis=1)
+        match = iou[best, ara] > iou_thr
+        nc = n_clusters[:a]
+        c = where(match, best, nc)
+        fi = c * G
+        fi += ara
+        x = take(fi, axis=1)
         x[:5] += BVT[:, k, :a]
         x[:4] = x[:4].astype(np.float32)
         q = q32[:, :a]
-        np.divide(x[:4], x[4], out=q)  # float64 division, rounded to float32
+        divide(x[:4], x[4], out=q)  # float64 division, rounded to float32
         x[5:9] = q
         wh = x[7:9] + x[5:7]  # the negated width and height
         mul_reduce(wh, axis=0, out=x[9])
         unmatched = ~match
-        np.copyto(x[5:], b, where=unmatched)
+        copyto(x[5:], b, where=unmatched)
         X2[:, fi] = x
         member_t[k, :a] = c
-        n_clusters[:a] += unmatched
+        nc += unmatched
         if check_label:
             counts[c, ara] += 1
-        mc = int(max_reduce(n_clusters[:a]))
+        mc = int(max_reduce(nc))
 
     # Per-cluster statistics; sums run in the order members joined, as ensemble-boxes adds them.
     cs = member_t[pos, rows] * G + rows  # cluster slot of each sorted box
