@@ -3,6 +3,7 @@ and a tiny classification run through the trainer."""
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -222,6 +223,10 @@ def test_tiny_classification_run_checkpoint_predict_and_report(tmp_path) -> None
     metrics = evaluate_checkpoint(best, out_dir=tmp_path / "report")
     assert metrics["top1"] == pytest.approx(summary["best_ap"]), "best.pt scores what it scored in training"
     assert (tmp_path / "report" / "confusion_matrix.png").is_file()
+    from vision.cli import main
+
+    assert main(["eval", "--weights", str(best), "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["top1"] == pytest.approx(summary["best_ap"])
 
 
 # --- fine-tuning initialisation --------------------------------------------------------------------

@@ -302,6 +302,11 @@ def test_tiny_training_run_and_prediction(shapes, tmp_path, fmt, capsys):
     assert set(metrics["per_class_iou"]) == {"background", "circle", "square", "triangle"}
     ckpt = torch.load(tmp_path / "sem" / "last.pt", weights_only=False)
     assert ckpt["arch"] == "semantic_fpn" and ckpt["class_names"] == ["circle", "square", "triangle"]
+    # vision eval scores the checkpoint with the same task: the trainer's own mIoU on the same weights
+    assert main(["eval", "--weights", str(tmp_path / "sem" / "last.pt"), "--out", str(tmp_path / "m.json")]) == 0
+    assert "mIoU" in capsys.readouterr().out.splitlines()[-1]
+    evaluated = json.loads((tmp_path / "m.json").read_text())
+    assert evaluated["mIoU"] == pytest.approx(ckpt["metrics"]["mIoU"], abs=1e-9)
     if fmt == "coco":
         return
     out = tmp_path / "pred"

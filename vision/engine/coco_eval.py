@@ -145,11 +145,28 @@ def format_per_class(per_class: Mapping[str, float], title: str = "AP") -> str:
 
 
 def _rle_of(mask: np.ndarray) -> dict[str, Any]:
+    return masks_to_rles(mask[None])[0]
+
+
+def masks_to_rles(masks: Any, threshold: float = 0.5) -> list[dict[str, Any]]:
+    """[N, H, W] (or torchvision's [N, 1, H, W]) probabilities or booleans -> COCO RLEs, in one call.
+
+    Prediction keeps RLEs rather than mask arrays: hundreds of full-size masks per image would
+    otherwise hold gigabytes until evaluation.
+    """
     from pycocotools import mask as mask_utils
 
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
+    masks = _numpy(masks)
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    if masks.dtype != bool:
+        masks = masks >= threshold
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
 
 
 def prediction_to_results(
@@ -159,12 +176,9 @@ def prediction_to_results(
     boxes = np.asarray(_numpy(prediction["boxes"]), np.float64).reshape(-1, 4)
     scores = np.asarray(_numpy(prediction["scores"]), np.float64).reshape(-1)
     labels = np.asarray(_numpy(prediction["labels"]), np.int64).reshape(-1)
-    masks = prediction.get("masks")
-    if masks is not None:
-        masks = _numpy(masks)
-        if masks.ndim == 4:  # torchvision's [N, 1, H, W] probabilities
-            masks = masks[:, 0]
-        masks = masks >= mask_threshold if masks.dtype != bool else masks
+    rles = prediction.get("rles")
+    if rles is None and prediction.get("masks") is not None:
+        rles = masks_to_rles(prediction["masks"], mask_threshold)
     out = []
     for k in range(len(scores)):
         x1, y1, x2, y2 = boxes[k]
@@ -174,8 +188,8 @@ def prediction_to_results(
             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
             "score": float(scores[k]),
         }
-        if masks is not None:
-            r["segmentation"] = _rle_of(masks[k])
+        if rles is not None:
+            r["segmentation"] = rles[k]
         out.append(r)
     return out
 

@@ -201,27 +201,36 @@ def make_loader(
 # Evaluation -------------------------------------------------------------------------------------------
 
 
-def default_evaluator(with_masks: bool) -> Evaluator:
+def default_evaluator(with_masks: bool, max_dets: int | None = None) -> Evaluator:
+    """COCO box (and mask) AP; ``max_dets`` above 100 raises COCO's detections-per-image limit."""
     from vision.engine.coco_eval import evaluate_detections
 
     iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+    limit = max_dets if max_dets is not None and max_dets > 100 else None
 
     def evaluate(det_set: DetectionSet, predictions: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        return evaluate_detections(det_set, predictions, iou_types)
+        return evaluate_detections(det_set, predictions, iou_types, max_dets=limit)
 
     return evaluate
 
 
 def _to_original_size(pred: dict[str, torch.Tensor], image: torch.Tensor, width: int, height: int) -> dict:
-    """Predictions on the (possibly resized) input image -> the record's own pixel grid."""
+    """Predictions on the (possibly resized) input image -> the record's own pixel grid.
+
+    Masks leave as COCO RLEs (``rles``): a few hundred full-size probability maps per image, kept
+    for a whole validation set, would not fit in memory.
+    """
+    from vision.engine.coco_eval import masks_to_rles
+
     out = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in pred.items()}
     h, w = image.shape[-2:]
-    if (w, h) == (width, height):
-        return out
-    sx, sy = width / w, height / h
-    out["boxes"] = out["boxes"] * torch.tensor([sx, sy, sx, sy])
-    if "masks" in out and len(out["masks"]):
-        out["masks"] = nn.functional.interpolate(out["masks"], size=(height, width), mode="bilinear")
+    if (w, h) != (width, height):
+        sx, sy = width / w, height / h
+        out["boxes"] = out["boxes"] * torch.tensor([sx, sy, sx, sy])
+        if "masks" in out and len(out["masks"]):
+            out["masks"] = nn.functional.interpolate(out["masks"], size=(height, width), mode="bilinear")
+    if "masks" in out:
+        out["rles"] = masks_to_rles(out.pop("masks"))
     return out
 
 
@@ -476,7 +485,8 @@ class Trainer:
         if self.scaler.is_enabled():
             ckpt["scaler"] = self.scaler.state_dict()
         if self.last_metrics is not None:
-            ckpt["metrics"] = {"bbox": dict(self.last_metrics.get("bbox", {}))}
+            # plain numbers, lists and dicts only (weights_only loading); the printed tables stay out
+            ckpt["metrics"] = {k: v for k, v in self.last_metrics.items() if k != "summary"}
         return ckpt
 
     def save(self, best: bool = False) -> None:

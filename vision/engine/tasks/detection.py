@@ -30,7 +30,7 @@ def build_detection_task(cfg: Config) -> Task:
         val_dataset=DetectionDataset(val_set, build_eval_transform(), with_masks, d.skip_difficult),
         collate=collate_detection,
         predict=predict_dataset,
-        evaluate=default_evaluator(with_masks),
+        evaluate=default_evaluator(with_masks, cfg.model.detections_per_img),
         score=box_ap,
         score_name="box AP",
     )
