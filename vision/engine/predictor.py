@@ -247,12 +247,14 @@ def predict_paths(
     """
     from tqdm import tqdm
 
-    from vision.engine.distributed import all_gather_object, dist_info
+    from vision.engine.distributed import all_gather_object, broadcast_object, dist_info
 
     info = dist_info()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = _done_images(out_dir)
+    # Rank 0 reads what is done and tells the others (a collective, so no rank has written yet):
+    # every rank must shard the very same list.
+    done = broadcast_object(_done_images(out_dir) if info.is_main else None)
     root_path = Path(root) if root is not None and Path(root).is_dir() else None
     names = [_relative_name(p, root_path) for p in paths]
     first_id = max(done.values(), default=0) + 1
