@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vision.config import Config, SplitConfig, resolve_path
+from vision.data.dataset import load_first_readable
 from vision.data.image_io import read_image, read_image_header
 from vision.data.records import Categories, DetectionSet
 from vision.errors import ConfigError, DataError, ImageReadError
@@ -275,7 +276,7 @@ class ClassificationDataset(Dataset):
         self.cls_set = cls_set
         self.transform = transform
         self.multi_label = multi_label
-        self.unreadable: set[str] = set()
+        self.unreadable: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.cls_set.samples)
@@ -301,20 +302,7 @@ class ClassificationDataset(Dataset):
         return {"label": label, "image_id": index}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        n = len(self)
-        for attempt in range(n):
-            i = (index + attempt) % n
-            path = self.cls_set.samples[i].path
-            if path in self.unreadable:
-                continue
-            try:
-                image = self.load(i)
-                break
-            except ImageReadError as e:
-                self.unreadable.add(path)
-                log.warning("skipping unreadable image: %s", e)
-        else:
-            raise ImageReadError(self.cls_set.source, "no readable image in the data set")
+        i, image = load_first_readable(index, len(self), self.load, self.unreadable, self.cls_set.source)
         if self.transform is None:
             tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         else:

@@ -82,21 +82,29 @@ class DetectionDataset(Dataset):
         return sample
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        for attempt in range(len(self)):
-            i = (index + attempt) % len(self)
-            if i in self.unreadable:
-                continue
-            try:
-                sample = self.load_sample(i)
-                break
-            except ImageReadError as e:
-                self.unreadable.add(i)
-                log.warning("skipping unreadable image: %s", e)
-        else:
-            raise ImageReadError(self.det_set.source, "no readable image in the data set")
+        _, sample = load_first_readable(index, len(self), self.load_sample, self.unreadable, self.det_set.source)
         if self.transform is not None:
             sample = self.transform(sample)
         return to_tensors(sample)
+
+
+def load_first_readable(
+    index: int, size: int, load: Callable[[int], Any], unreadable: set[int], source: str
+) -> tuple[int, Any]:
+    """``load(index)``, or of the next index whose image decodes; each bad one is named once and remembered.
+
+    One bad file must not stop an epoch: its place is taken by the next readable sample.
+    """
+    for attempt in range(size):
+        i = (index + attempt) % size
+        if i in unreadable:
+            continue
+        try:
+            return i, load(i)
+        except ImageReadError as e:
+            unreadable.add(i)
+            log.warning("skipping unreadable image: %s", e)
+    raise ImageReadError(source, "no readable image in the data set")
 
 
 def to_tensors(sample: Sample) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -32,8 +32,10 @@ from torch.utils.data import Dataset
 
 from vision.config import AugmentConfig, Config, SplitConfig, resolve_path
 from vision.data.coco import read_coco, segmentation_to_mask
+from vision.data.dataset import load_first_readable
 from vision.data.image_io import IMAGE_SUFFIXES, read_image, read_image_size
 from vision.data.records import Categories, ImageRecord
+from vision.data.transforms import augment_ops
 from vision.errors import ConfigError, DataError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -284,18 +286,7 @@ class SemanticDataset(Dataset):
         return {"image": image, "mask": mask, "image_id": item.image_id}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        for attempt in range(len(self)):
-            i = (index + attempt) % len(self)
-            if i in self.unreadable:
-                continue
-            try:
-                sample = self.load_sample(i)
-                break
-            except ImageReadError as e:
-                self.unreadable.add(i)
-                log.warning("skipping unreadable image: %s", e)
-        else:
-            raise ImageReadError(self.sem_set.source, "no readable image in the data set")
+        _, sample = load_first_readable(index, len(self), self.load_sample, self.unreadable, self.sem_set.source)
         if self.transform is not None:
             sample = self.transform(sample)
         image = torch.from_numpy(np.ascontiguousarray(sample["image"])).permute(2, 0, 1).float().div_(255.0)
@@ -325,22 +316,8 @@ class SemanticTransform:
 def build_semantic_train_transform(cfg: AugmentConfig) -> SemanticTransform:
     """The ``AugmentConfig`` options for image + mask: scale, crop (up to a quarter off each side),
     flips, 90-degree rotations and colour jitter.  AutoAugment policies are box policies: not used here."""
-    ops: list[A.BasicTransform] = []
-    lo, hi = cfg.scale
-    if (lo, hi) != (1.0, 1.0):
-        ops.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0))
-    if cfg.crop > 0:
-        ops.append(A.RandomCropFromBorders(crop_left=0.25, crop_right=0.25, crop_top=0.25, crop_bottom=0.25, p=cfg.crop))
-    if cfg.hflip > 0:
-        ops.append(A.HorizontalFlip(p=cfg.hflip))
-    if cfg.vflip > 0:
-        ops.append(A.VerticalFlip(p=cfg.vflip))
-    if cfg.rotate90 > 0:
-        ops.append(A.RandomRotate90(p=cfg.rotate90))
-    if cfg.color_jitter > 0:
-        j = cfg.color_jitter
-        ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.1), p=0.8))
-    return SemanticTransform(ops)
+    crop = A.RandomCropFromBorders(crop_left=0.25, crop_right=0.25, crop_top=0.25, crop_bottom=0.25, p=cfg.crop)
+    return SemanticTransform(augment_ops(cfg, crop))
 
 
 def build_semantic_eval_transform() -> SemanticTransform:

@@ -37,13 +37,18 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def _albumentations_ops(cfg: AugmentConfig) -> list[A.BasicTransform]:
+def augment_ops(cfg: AugmentConfig, crop: A.BasicTransform | None = None) -> list[A.BasicTransform]:
+    """The albumentations operations an ``AugmentConfig`` asks for, in order.
+
+    ``crop`` is the operation used when ``cfg.crop > 0`` (default: a crop that keeps every box);
+    segmentation passes a plain border crop instead.
+    """
     ops: list[A.BasicTransform] = []
     lo, hi = cfg.scale
     if (lo, hi) != (1.0, 1.0):
         ops.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0))
     if cfg.crop > 0:
-        ops.append(A.BBoxSafeRandomCrop(erosion_rate=0.0, p=cfg.crop))
+        ops.append(crop if crop is not None else A.BBoxSafeRandomCrop(erosion_rate=0.0, p=cfg.crop))
     if cfg.hflip > 0:
         ops.append(A.HorizontalFlip(p=cfg.hflip))
     if cfg.vflip > 0:
@@ -117,7 +122,7 @@ def build_train_transform(cfg: AugmentConfig) -> DetectionTransform:
         from vision.data.autoaugment import DetectionAutoAugment
 
         autoaugment = DetectionAutoAugment(cfg.autoaugment, reference_size=cfg.autoaugment_reference_size)
-    return DetectionTransform(_albumentations_ops(cfg), autoaugment)
+    return DetectionTransform(augment_ops(cfg), autoaugment)
 
 
 def build_eval_transform() -> DetectionTransform:
