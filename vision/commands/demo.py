@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Mask R-CNN training budget (default: its recipe's; 0 skips the Mask R-CNN step)",
     )
     parser.add_argument("--num-train", type=int, default=240)
+    parser.add_argument("--size", type=int, nargs=2, default=(192, 144), metavar=("W", "H"), help="synthetic image size")
+    parser.add_argument("--classes", type=int, default=4, help="how many shape classes")
     parser.add_argument("--num-val", type=int, default=60)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
 
@@ -46,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
 
     print(f"[1/5] synthetic data set -> {data_dir}")
-    make_synthetic_dataset(data_dir, num_train=args.num_train, num_val=args.num_val, seed=0)
+    make_synthetic_dataset(
+        data_dir, num_train=args.num_train, num_val=args.num_val, image_size=tuple(args.size), classes=args.classes,
+        seed=0,
+    )
 
     print(f"[2/5] training {cfg.model.arch} ({cfg.model.backbone}) from scratch")
     run_dir = out / "runs" / cfg.name
