@@ -15,12 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vision.engine import distributed as du
-from vision.engine.device import autocast, select_device
+from vision.engine.device import select_device
 from vision.engine.logging import progress
 
 
-@torch.inference_mode()
 def predict_classification_dataset(
     model: nn.Module,
     dataset: Dataset,
@@ -28,39 +26,16 @@ def predict_classification_dataset(
     device: torch.device,
     *,
     batch_size: int = 32,
-    num_workers: int = 0,
-    amp: bool = False,
-    show_progress: bool = True,
+    **kwargs: Any,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Sample index -> ``{"scores": [K]}`` for this rank's share, gathered on every rank."""
     from vision.data.classification import collate_classification
-    from vision.engine.trainer import make_loader
+    from vision.engine.trainer import predict_shards
 
-    info = du.dist_info()
-    indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    loader = make_loader(dataset, batches, num_workers, device, 0, collate_classification, persistent=False)
-    was_training = model.training
-    model.eval()
-    preds: dict[int, dict[str, torch.Tensor]] = {}
-    bar = progress(len(batches), 0, "eval", show_progress and info.is_main)
-    try:
-        for images, targets in loader:
-            images = [img.to(device, non_blocking=device.type == "cuda") for img in images]
-            with autocast(device, amp):
-                outputs = model(images)
-            for tgt, out in zip(targets, outputs):
-                preds[int(tgt["image_id"])] = {"scores": out["scores"].detach().float().cpu()}
-            bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
-    if info.enabled:
-        merged: dict[int, dict[str, torch.Tensor]] = {}
-        for part in du.all_gather_object(preds):
-            merged.update(part)
-        preds = merged
-    return preds
+    def keep(images: list, targets: list, outputs: list, _: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        return {int(t["image_id"]): {"scores": o["scores"].detach().float().cpu()} for t, o in zip(targets, outputs)}
+
+    return predict_shards(model, dataset, device, collate_classification, keep, batch_size=batch_size, **kwargs)
 
 
 def evaluate_predictions(

@@ -235,48 +235,71 @@ def _to_original_size(pred: dict[str, torch.Tensor], image: torch.Tensor, width:
 
 
 @torch.inference_mode()
-def predict_dataset(
+def predict_shards(
     model: nn.Module,
     dataset: Dataset,
-    det_set: DetectionSet,
     device: torch.device,
+    collate: Callable,
+    keep: Callable[[list, list, list, list[int]], dict[Any, Any]],
     *,
     batch_size: int = 2,
     num_workers: int = 0,
     amp: bool = False,
     show_progress: bool = True,
-) -> dict[int, dict[str, torch.Tensor]]:
-    """Runs the model over this rank's share of ``dataset``; all ranks' predictions gathered on each."""
-    from vision.data.dataset import collate_detection
+) -> dict[Any, Any]:
+    """Runs the model over this rank's share of ``dataset``; what ``keep`` makes of each batch is
+    gathered from all ranks onto each.
 
+    ``keep(images, targets, outputs, indices)`` turns one batch (inputs on the device, the model's
+    outputs, the dataset indices) into entries of the result; every task's evaluation shares the rest.
+    """
     info = du.dist_info()
     indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
-    sizes = {r.image_id: (r.width, r.height) for r in det_set.records}
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    loader = make_loader(dataset, batches, num_workers, device, 0, collate_detection, persistent=False)
+    loader = make_loader(dataset, batches, num_workers, device, 0, collate, persistent=False)
     was_training = model.training
     model.eval()
-    preds: dict[int, dict[str, torch.Tensor]] = {}
+    kept: dict[Any, Any] = {}
     bar = progress(len(batches), 0, "eval", show_progress and info.is_main)
     try:
-        for images, targets in loader:
+        for batch_indices, (images, targets) in zip(batches, loader):
             images, _ = to_device(images, None, device)
             with autocast(device, amp):
                 outputs = model(images)
-            for img, tgt, out in zip(images, targets, outputs):
-                image_id = int(tgt["image_id"])
-                w, h = sizes.get(image_id, (img.shape[-1], img.shape[-2]))
-                preds[image_id] = _to_original_size(out, img, w, h)
+            kept.update(keep(images, targets, outputs, batch_indices))
             bar.update(1)
     finally:
         bar.close()
         model.train(was_training)
     if info.enabled:
-        merged: dict[int, dict[str, torch.Tensor]] = {}
-        for part in du.all_gather_object(preds):
+        merged: dict[Any, Any] = {}
+        for part in du.all_gather_object(kept):
             merged.update(part)
-        preds = merged
-    return preds
+        kept = merged
+    return kept
+
+
+def predict_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    det_set: DetectionSet,
+    device: torch.device,
+    **kwargs: Any,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Detections keyed by image id, in each record's own pixels (masks as RLE), from every rank."""
+    from vision.data.dataset import collate_detection
+
+    sizes = {r.image_id: (r.width, r.height) for r in det_set.records}
+
+    def keep(images: list, targets: list, outputs: list, _: list[int]) -> dict[int, dict[str, Any]]:
+        out = {}
+        for img, tgt, pred in zip(images, targets, outputs):
+            image_id = int(tgt["image_id"])
+            w, h = sizes.get(image_id, (img.shape[-1], img.shape[-2]))
+            out[image_id] = _to_original_size(pred, img, w, h)
+        return out
+
+    return predict_shards(model, dataset, device, collate_detection, keep, **kwargs)
 
 
 def box_ap(metrics: dict[str, Any] | None) -> float:

@@ -22,54 +22,30 @@ def class_names_with_background(categories: Any) -> list[str]:
     return ["background", *categories.names]
 
 
-@torch.inference_mode()
 def predict_confusions(
     model: nn.Module,
     dataset: Dataset,
     data_set: Any,
     device: torch.device,
-    *,
-    batch_size: int = 2,
-    num_workers: int = 0,
-    amp: bool = False,
-    show_progress: bool = True,
+    **kwargs: Any,
 ) -> dict[int, np.ndarray]:
-    """This rank's share of ``dataset`` -> ``{item index: confusion matrix}``, gathered on every rank."""
-    from vision.data.dataset import collate_detection
-    from vision.engine import distributed as du
-    from vision.engine.device import autocast, to_device
-    from vision.engine.logging import progress
-    from vision.engine.semantic_eval import confusion_matrix
-    from vision.engine.trainer import make_loader
+    """This rank's share of ``dataset`` -> ``{item index: confusion matrix}``, gathered on every rank.
 
-    info = du.dist_info()
-    indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    loader = make_loader(dataset, batches, num_workers, device, 0, collate_detection, persistent=False)
-    num_classes = data_set.num_classes
-    was_training = model.training
-    model.eval()
-    out: dict[int, np.ndarray] = {}
-    bar = progress(len(batches), 0, "eval", show_progress and info.is_main)
-    try:
-        for b, (images, targets) in enumerate(loader):
-            images, _ = to_device(images, None, device)
-            with autocast(device, amp):
-                preds = model(images)
-            for k, (tgt, pred) in enumerate(zip(targets, preds)):
-                out[batches[b][k]] = confusion_matrix(
-                    pred["sem_seg"], tgt["sem_seg"].to(pred["sem_seg"].device), num_classes, data_set.ignore_index
-                )
-            bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
-    if info.enabled:
-        merged: dict[int, np.ndarray] = {}
-        for part in du.all_gather_object(out):
-            merged.update(part)
-        out = merged
-    return out
+    One small matrix per image rather than its class map, so memory does not grow with image size.
+    """
+    from vision.data.dataset import collate_detection
+    from vision.engine.semantic_eval import confusion_matrix
+    from vision.engine.trainer import predict_shards
+
+    def keep(images: list, targets: list, outputs: list, indices: list[int]) -> dict[int, np.ndarray]:
+        return {
+            index: confusion_matrix(
+                pred["sem_seg"], tgt["sem_seg"].to(pred["sem_seg"].device), data_set.num_classes, data_set.ignore_index
+            )
+            for index, tgt, pred in zip(indices, targets, outputs)
+        }
+
+    return predict_shards(model, dataset, device, collate_detection, keep, **kwargs)
 
 
 def evaluate_confusions(data_set: Any, predictions: dict[int, np.ndarray]) -> dict[str, Any]:
