@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ from vision.config import Config, config_from_dict, load_config
 from vision.data.image_io import read_image
 from vision.data.records import Categories
 from vision.engine.coco_eval import prediction_to_results
-from vision.engine.device import autocast, select_device
+from vision.engine.device import select_device
+from vision.engine.inference import (
+    EngineOptions,
+    aspect_groups,
+    optimize_for_inference,
+    precision_context,
+    precision_dtype,
+)
 from vision.errors import ImageReadError, VisionError
 
 log = logging.getLogger(__name__)
@@ -114,7 +121,13 @@ class PredictSummary:
 
 
 class Predictor:
-    """One model, batched inference on uint8 images, predictions in original-image pixels."""
+    """One model, batched inference on uint8 images, predictions in original-image pixels.
+
+    ``engine`` says how the model is run (``inference.py``): by default batch norms folded,
+    ``channels_last`` and one image per forward pass on a CPU, float32.  ``amp`` is the older
+    switch for reduced precision (bfloat16 on CPU, float16 on CUDA); ``engine.precision`` wins
+    where both are given.  ``EngineOptions.plain()`` runs the model exactly as trained.
+    """
 
     def __init__(
         self,
@@ -122,20 +135,30 @@ class Predictor:
         categories: Categories,
         device: str | torch.device = "auto",
         amp: bool = False,
+        engine: EngineOptions | None = None,
     ):
         self.device = device if isinstance(device, torch.device) else select_device(device)
-        self.model = model.to(self.device).eval()
+        engine = EngineOptions() if engine is None else engine
+        if amp and engine.precision == "fp32":
+            engine = replace(engine, precision="fp16" if self.device.type == "cuda" else "bf16")
+        precision_dtype(engine.precision, self.device)  # an unsupported precision fails here, not mid-run
+        self.engine = engine
+        self.model = optimize_for_inference(model.to(self.device), engine)
         self.categories = categories
-        self.amp = amp
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """uint8 CHW tensors -> torchvision-style predictions (boxes, scores, labels[, masks]) on the CPU."""
-        batch = [img.to(self.device, non_blocking=True).float().div_(255.0) for img in images]
-        with autocast(self.device, self.amp):
-            outputs = self.model(batch)
-        return [_drop_background({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()})
-                for o in outputs]
+        outputs: list[dict[str, torch.Tensor] | None] = [None] * len(images)
+        for group in aspect_groups(images, self.engine.images_per_pass(self.device)):
+            batch = [images[i].to(self.device, non_blocking=True).float().div_(255.0) for i in group]
+            with precision_context(self.engine.precision, self.device):
+                preds = self.model(batch)
+            for i, o in zip(group, preds):
+                outputs[i] = _drop_background(
+                    {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}
+                )
+        return outputs  # type: ignore[return-value]
 
 
 def _drop_background(pred: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

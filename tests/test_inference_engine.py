@@ -1,0 +1,196 @@
+"""The inference engine computes what the model as trained computes (within 1e-3), only faster."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from torch import nn
+
+from vision.config import ModelConfig
+from vision.data.records import Categories
+from vision.engine.fold_bn import fold_batch_norms
+from vision.engine.inference import EngineOptions, aspect_groups, cpu_has_native_bf16, precision_dtype
+from vision.engine.predictor import Predictor
+from vision.errors import ConfigError
+from vision.models import build_model
+
+
+def _with_running_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Batch norms with statistics far from (0, 1), as a trained network has, so folding is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _images(sizes=((150, 200), (200, 150), (160, 170))) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for h, w in sizes:
+        low = torch.rand(3, h // 10, w // 10, generator=g)
+        img = torch.nn.functional.interpolate(low[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        out.append((img * 255).to(torch.uint8))
+    return out
+
+
+def _detector(arch: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, backbone="resnet18", num_classes=3, fpn_channels=64, min_size=[160], max_size=224,
+                      score_thresh=0.05, **kw)
+    model = _with_running_stats(build_model(cfg))
+    with torch.no_grad():  # scores spread out, so that the comparison covers real detections
+        if arch == "retinanet":
+            for conv in model.head.classification_head.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight)
+        else:
+            model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.05)
+            model.roi_heads.box_predictor.cls_score.bias.normal_(0, 0.5)
+    return model
+
+
+def _norms(model: nn.Module) -> int:
+    return sum("BatchNorm" in type(m).__name__ for m in model.modules())
+
+
+def test_folding_keeps_the_backbone_function_and_removes_every_norm() -> None:
+    model = _detector("faster_rcnn", frozen_bn=True, fpn_norm="bn")
+    folded = copy.deepcopy(model)
+    n = fold_batch_norms(folded)
+    # resnet18: 20 norms in the body (frozen ones); the FPN's 8 convolutions each have a BatchNorm2d
+    assert n == 20 + 8
+    assert _norms(folded) == 0
+    x = torch.rand(1, 3, 128, 160)
+    with torch.no_grad():
+        a, b = model.backbone(x), folded.backbone(x)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4 * float(a[k].abs().max()), rtol=0)
+
+
+def test_a_convolution_used_twice_is_not_folded() -> None:
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding would change the second use
+
+    m = _with_running_stats(Branching())
+    expected = m(torch.ones(1, 3, 8, 8))
+    assert fold_batch_norms(m) == 0
+    torch.testing.assert_close(m(torch.ones(1, 3, 8, 8)), expected)
+
+
+def test_norms_with_an_activation_inside_are_left_alone() -> None:
+    from timm.layers import BatchNormAct2d
+
+    m = _with_running_stats(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4)))
+    assert fold_batch_norms(m) == 0
+
+
+def test_training_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn", "mask_rcnn"])
+def test_engine_predictions_match_the_plain_model(arch: str) -> None:
+    model = _detector(arch, frozen_bn=True)
+    cats = Categories.from_names(["a", "b", "c"])
+    images = _images()
+    plain = Predictor(model, cats, device="cpu", engine=EngineOptions.plain()).predict(images)
+    fast_predictor = Predictor(model, cats, device="cpu", engine=EngineOptions())
+    fast = fast_predictor.predict(images)
+    assert _norms(fast_predictor.model) == 0
+    assert _norms(model) == 20, "the caller's model is left as it was"
+    for exp, got in zip(plain, fast):
+        assert len(exp["boxes"]) >= 5, "the comparison needs real detections"
+        assert abs(len(got["boxes"]) - len(exp["boxes"])) <= 2
+        _assert_same_detections(got, exp, top=20)
+
+
+def _assert_same_detections(got: dict, exp: dict, top: int) -> None:
+    """Every one of ``got``'s top detections is in ``exp``: same label, score within 1e-3, box within 1e-3
+    of the image size.  Matched by content, since near-tied scores may come out in either order."""
+    for k in range(min(top, len(got["scores"]))):
+        close = (
+            ((exp["boxes"] - got["boxes"][k]).abs().amax(dim=1) <= 1e-3 * 224)
+            & ((exp["scores"] - got["scores"][k]).abs() <= 1e-3)
+            & (exp["labels"] == got["labels"][k])
+        )
+        assert bool(close.any()), f"detection {k} ({got['boxes'][k].tolist()}, {float(got['scores'][k]):.4f}) not found"
+        if "masks" in exp:
+            j = int(close.nonzero()[0])
+            torch.testing.assert_close(got["masks"][k], exp["masks"][j], atol=1e-3, rtol=0)
+
+
+def test_classifier_engine_matches_the_plain_model() -> None:
+    torch.manual_seed(0)
+    model = _with_running_stats(build_model(ModelConfig(arch="classifier", backbone="resnet18", num_classes=4,
+                                                         image_size=64)))
+    cats = Categories.from_names(["a", "b", "c", "d"])
+    images = _images(((64, 64), (80, 60)))
+    plain = Predictor(model, cats, device="cpu", engine=EngineOptions.plain()).predict(images)
+    fast = Predictor(model, cats, device="cpu").predict(images)
+    for exp, got in zip(plain, fast):
+        torch.testing.assert_close(got["scores"], exp["scores"], atol=1e-3, rtol=0)
+
+
+def test_grouped_batches_come_back_in_input_order() -> None:
+    model = _detector("retinanet")
+    a, b = _images(((150, 200), (150, 200)))
+    b = b.flip(-1)
+    out = Predictor(model, Categories.from_names(["a", "b", "c"]), device="cpu",
+                    engine=EngineOptions(micro_batch=2)).predict([a, b, a])
+    torch.testing.assert_close(out[2]["scores"], out[0]["scores"])
+    assert out[0]["scores"].shape != out[1]["scores"].shape or not torch.allclose(out[0]["scores"], out[1]["scores"])
+
+
+def test_aspect_groups_put_similar_shapes_together() -> None:
+    imgs = [torch.zeros(3, h, w) for h, w in [(100, 200), (200, 100), (100, 210), (210, 100), (100, 100)]]
+    assert aspect_groups(imgs, 2) == [[3, 1], [4, 0], [2]]
+    assert sorted(i for g in aspect_groups(imgs, 1) for i in g) == [0, 1, 2, 3, 4]
+
+
+def test_images_per_pass_defaults_to_one_on_cpu() -> None:
+    assert EngineOptions().images_per_pass(torch.device("cpu")) == 1
+    assert EngineOptions(micro_batch=4).images_per_pass(torch.device("cpu")) == 4
+
+
+def test_precision_choices_are_checked_up_front() -> None:
+    cpu = torch.device("cpu")
+    assert precision_dtype("fp32", cpu) is None
+    with pytest.raises(ConfigError, match="fp16 is for CUDA"):
+        precision_dtype("fp16", cpu)
+    with pytest.raises(ConfigError, match="expected one of"):
+        precision_dtype("int8", cpu)
+    if cpu_has_native_bf16():
+        assert precision_dtype("bf16", cpu) is torch.bfloat16
+    else:
+        with pytest.raises(ConfigError, match="no native bfloat16"):
+            precision_dtype("bf16", cpu)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_bf16_engine_keeps_the_top_detections() -> None:
+    model = _detector("retinanet", frozen_bn=True)
+    cats = Categories.from_names(["a", "b", "c"])
+    images = _images()[:1]
+    plain = Predictor(model, cats, device="cpu", engine=EngineOptions.plain()).predict(images)[0]
+    half = Predictor(model, cats, device="cpu", engine=EngineOptions(precision="bf16")).predict(images)[0]
+    assert half["boxes"].dtype == torch.float32
+    # bfloat16 keeps 8 bits of mantissa: scores agree to about 1e-2, not 1e-3
+    torch.testing.assert_close(half["scores"][:5], plain["scores"][:5], atol=3e-2, rtol=0)
