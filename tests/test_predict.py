@@ -264,3 +264,19 @@ def test_tta_cli_predicts_inside_the_image(tmp_path, ckpts) -> None:
         x, y, w, h = d["bbox"]
         assert x >= -1e-3 and y >= -1e-3 and x + w <= image["width"] + 1e-3 and y + h <= image["height"] + 1e-3
         assert d["category_id"] in (1, 2) and 0 < d["score"] <= 1
+
+
+def test_engine_and_plain_cli_runs_agree(tmp_path, ckpts) -> None:
+    """``vision predict`` runs the inference engine by default; ``--plain`` the model as trained."""
+    _good_images(tmp_path / "imgs", 2)
+    runs = {}
+    for flag in ([], ["--plain"]):
+        out = tmp_path / ("plain" if flag else "engine")
+        assert main(["predict", "--weights", ckpts[0], "--source", str(tmp_path / "imgs"), "--out", str(out),
+                     "--workers", "0", *flag]) == 0
+        runs["plain" if flag else "engine"] = json.loads((out / "predictions.json").read_text())
+    fast, plain = runs["engine"], runs["plain"]
+    assert len(fast) == len(plain) > 0
+    for a, b in zip(sorted(fast, key=lambda d: (d["image_id"], -d["score"])),
+                    sorted(plain, key=lambda d: (d["image_id"], -d["score"]))):
+        assert a["image_id"] == b["image_id"] and abs(a["score"] - b["score"]) < 1e-3

@@ -31,7 +31,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="float16 (CUDA) / bfloat16 (CPU) inference")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="compute precision (default fp32; bf16 needs a CPU with native bfloat16 or a GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (slow first batch)")
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="images per forward pass (default: 1 on CPU, 8 on CUDA)")
+    parser.add_argument("--plain", action="store_true",
+                        help="run the model exactly as trained (no batch-norm folding, no channels_last)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.score_thresh=0.3")
+
+
+def engine_options(args: argparse.Namespace):
+    """The inference engine settings these arguments ask for."""
+    from vision.engine.inference import EngineOptions
+
+    engine = EngineOptions.plain() if args.plain else EngineOptions()
+    engine.compile = bool(args.compile)
+    engine.micro_batch = max(0, int(args.micro_batch))
+    if args.precision:
+        engine.precision = args.precision
+    return engine
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +82,7 @@ def _run_detection(args: argparse.Namespace) -> int:
         predictor = build_predictor(
             args.weights, config=args.config, overrides=args.overrides, device=args.device, amp=args.amp,
             tta=args.tta, tta_scales=args.tta_scales, spec=spec, model_weights=args.model_weights,
+            engine=engine_options(args),
         )
         categories = predictor.categories
         expand, out_categories = None, None

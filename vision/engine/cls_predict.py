@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vision.engine.device import select_device
+from vision.engine.inference import EngineOptions, optimize_for_inference, precision_context
 from vision.engine.logging import progress
 
 
@@ -100,6 +101,7 @@ def is_classifier_checkpoint(weights: str | os.PathLike) -> bool:
 def predict_images(
     weights: str | os.PathLike, paths: Sequence[str], out_dir: str | os.PathLike, *, config: str | None = None,
     overrides: Sequence[str] = (), batch_size: int = 16, device: str = "auto", root: str | None = None,
+    engine: EngineOptions | None = None,
 ) -> dict[str, Any]:
     """Classifies whole images; writes ``predictions.json`` (top-k classes and scores per file) and
     ``predictions.csv`` (file, class, score).  Unreadable files are skipped and named."""
@@ -112,7 +114,8 @@ def predict_images(
 
     model, cfg, categories = load_model_for_inference(weights, config, overrides)
     dev = select_device(device)
-    model.to(dev).eval()
+    engine = EngineOptions() if engine is None else engine
+    model = optimize_for_inference(model.to(dev), engine, copy_model=False)
     transform = build_cls_transform(cfg, training=False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,8 +142,8 @@ def predict_images(
                 except ImageReadError as e:
                     skipped.append(str(e))
             if batch:
-                with torch.inference_mode():
-                    outputs = model([b.to(dev) for b in batch])
+                with torch.inference_mode(), precision_context(engine.precision, dev):
+                    outputs = model([b.to(dev, non_blocking=True) for b in batch])
                 for p, o in zip(chunk, outputs):
                     labels = o["labels"].tolist()
                     scores = o["scores"].float().cpu()
@@ -162,6 +165,7 @@ def predict_images(
 
 def run_classifier_predict(args: Any) -> int:
     """``vision predict`` with a classifier checkpoint (the command's parsed arguments)."""
+    from vision.commands.predict import engine_options
     from vision.data.image_io import list_images
     from vision.errors import VisionError
 
@@ -173,7 +177,7 @@ def run_classifier_predict(args: Any) -> int:
     root = args.source if Path(args.source).is_dir() else None
     summary = predict_images(
         args.weights[0], paths, args.out, config=args.config, overrides=args.overrides,
-        batch_size=max(1, args.batch_size), device=args.device, root=root,
+        batch_size=max(1, args.batch_size), device=args.device, root=root, engine=engine_options(args),
     )
     for line in summary["skipped"]:
         print(f"skipped {line}")

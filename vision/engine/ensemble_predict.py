@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vision.data.records import Categories
+from vision.engine.inference import EngineOptions
 from vision.engine.tta import DEFAULT_SCALES, Prediction, TTAPredictor
 from vision.ensemble import fuse, fuse_masks
 from vision.errors import VisionError
@@ -128,6 +129,7 @@ def build_predictor(
     tta_scales: Sequence[float] = DEFAULT_SCALES,
     spec: FusionSpec = FusionSpec(),
     model_weights: Sequence[float] | None = None,
+    engine: EngineOptions | None = None,
 ):
     """The predictor ``vision predict`` runs: one model, or several fused, each with optional TTA."""
     from vision.engine.device import select_device
@@ -141,7 +143,7 @@ def build_predictor(
         model, _, categories = load_model_for_inference(w, config, overrides)
         named.append((str(w), categories))
         check_same_classes(named)
-        p = Predictor(model, categories, device=dev, amp=amp)
+        p = Predictor(model, categories, device=dev, amp=amp, engine=engine)
         if tta:
             p = TTAPredictor(p, lambda preds, size: fuse_predictions(preds, size, spec), scales=tta_scales)
         members.append(p)

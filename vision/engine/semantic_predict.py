@@ -161,7 +161,9 @@ def run_semantic_predict(args: Any) -> int:
     if not paths:
         raise VisionError(f"{args.source}: no images found")
     model, _, categories = load_model_for_inference(args.weights[0], args.config, args.overrides)
-    predictor = Predictor(model, categories, device=args.device, amp=args.amp)
+    from vision.commands.predict import engine_options
+
+    predictor = Predictor(model, categories, device=args.device, amp=args.amp, engine=engine_options(args))
     out = Path(args.out)
     root = Path(args.source) if Path(args.source).is_dir() else None
     summary = predict_semantic_paths(
