@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 install:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	@$(UV) sync --frozen --quiet
+	@$(UV) sync --frozen --quiet --extra export
 
 demo: install
 	$(UV) run --frozen vision demo --out demo_out
