@@ -93,6 +93,16 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
     return args
 
 
+def _features_to_nchw(module: nn.Module, args: tuple) -> tuple:
+    """RoI heads get NCHW features: torchvision's RoIAlign reads NCHW and would convert every level
+    itself, once per pooler (twice in Mask R-CNN)."""
+    features = args[0]
+    if isinstance(features, dict):
+        features = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in features.items()}
+        return (features, *args[1:])
+    return args
+
+
 def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model: bool = True) -> nn.Module:
     """An eval-mode copy of ``model`` (or the model itself) rewritten as ``options`` say.
 
@@ -110,6 +120,9 @@ def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model:
         if isinstance(backbone, nn.Module):
             # the first convolution then reads NHWC too, so no layer works in NCHW
             backbone.register_forward_pre_hook(_to_channels_last)
+        roi_heads = getattr(model, "roi_heads", None)
+        if isinstance(roi_heads, nn.Module):
+            roi_heads.register_forward_pre_hook(_features_to_nchw)
     if options.compile:
         if isinstance(backbone, nn.Module):
             # the backbone is the one tensor-in, tensors-out part; image sizes vary, so shapes are dynamic
