@@ -17,6 +17,7 @@ import numpy as np
 
 from vision.data.records import Categories, DetectionSet, ImageRecord
 from vision.errors import DataError
+from vision.atomic import atomic_write
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -232,11 +233,8 @@ def to_coco_dict(det_set: DetectionSet) -> dict[str, Any]:
 
 def write_coco(det_set: DetectionSet, path: str | os.PathLike) -> None:
     """Writes COCO JSON atomically, so an interrupted write never leaves half a file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_coco_dict(det_set), default=_json_default))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(to_coco_dict(det_set), default=_json_default))
 
 
 def _json_default(obj: Any) -> Any:

@@ -12,16 +12,15 @@ old file: a crash at any moment leaves either the old or the new checkpoint, nev
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vision.atomic import atomic_write
 from vision.errors import DataError
 
 CHECKPOINT_VERSION = 1
@@ -32,20 +31,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     from vision.models.weights import save_checkpoint
 
     save_checkpoint(obj, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -113,16 +98,5 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copies a finished checkpoint with the same all-or-nothing guarantee as ``atomic_save``."""
     import shutil
 
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, length=1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(dst.parent)
+    with atomic_write(dst) as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, length=1 << 20)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vision.atomic import atomic_write
 from vision.config import Config, config_from_dict, load_config
 from vision.data.image_io import read_image
 from vision.data.records import Categories
@@ -357,12 +358,11 @@ def write_outputs(out_dir: Path, categories: Categories | Sequence[dict], write_
     cats = categories.to_coco() if isinstance(categories, Categories) else [dict(c) for c in categories]
     name_of = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
     images: list[dict[str, Any]] = []
-    pred_tmp = out_dir / ".predictions.json.tmp"
-    csv_tmp = out_dir / ".predictions.csv.tmp"
-    with open(pred_tmp, "w") as pf, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        pf = stack.enter_context(atomic_write(out_dir / "predictions.json", "w"))
         writer = None
         if write_csv:
-            writer = csv.writer(stack.enter_context(open(csv_tmp, "w", newline="")))
+            writer = csv.writer(stack.enter_context(atomic_write(out_dir / "predictions.csv", "w", newline="")))
             writer.writerow(["file_name", "class", "score", "x1", "y1", "x2", "y2"])
         pf.write("[")
         first = True
@@ -379,13 +379,9 @@ def write_outputs(out_dir: Path, categories: Categories | Sequence[dict], write_
                         f"{r['score']:.6g}", f"{x:.2f}", f"{y:.2f}", f"{x + w:.2f}", f"{y + h:.2f}",
                     ])
         pf.write("]")
-    os.replace(pred_tmp, out_dir / "predictions.json")
-    if write_csv:
-        os.replace(csv_tmp, out_dir / "predictions.csv")
     _atomic_json(out_dir / "images.json", {"images": images, "categories": cats})
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(obj))

@@ -10,11 +10,9 @@ with another class count is re-headed, and a checkpoint of another architecture 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vision.atomic import atomic_write
 from vision.errors import VisionError
 
 log = logging.getLogger(__name__)
@@ -71,29 +70,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     Writes a temporary file in the same folder, fsyncs it and renames it over ``path``, so a crash or
     a full disk leaves either the old checkpoint or the new one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _is_state_dict(obj: Any) -> bool:
