@@ -16,7 +16,7 @@ import heapq
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,21 @@ class ImageFiles(Dataset):
 
 def _keep_lists(batch: list) -> list:
     return batch
+
+
+def predict_batches(
+    predictor: Any, loader: Iterable[list], skipped: list[str]
+) -> Iterator[tuple[list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]], int]]:
+    """For each batch of ``ImageFiles`` items: (index, image, prediction) of its readable images, and
+    the batch's size.  Unreadable files are logged and their errors appended to ``skipped``."""
+    for batch in loader:
+        good = [(i, img) for i, img, err in batch if err is None]
+        for _, _, err in batch:
+            if err is not None:
+                skipped.append(err)
+                log.warning("skipping unreadable image: %s", err)
+        outputs = predictor.predict([img for _, img in good]) if good else []
+        yield [(i, img, pred) for (i, img), pred in zip(good, outputs)], len(batch)
 
 
 @dataclass
@@ -299,14 +314,8 @@ def predict_paths(
     with _open_for_append(_partial_path(out_dir, info.rank, info.world_size)) as partial, tqdm(
         total=len(mine), desc="predict", unit="img", disable=not progress or not info.is_main, dynamic_ncols=True
     ) as bar:
-        for batch in loader:
-            good = [(i, img) for i, img, err in batch if err is None]
-            for _, _, err in batch:
-                if err is not None:
-                    summary.skipped.append(err)
-                    log.warning("skipping unreadable image: %s", err)
-            outputs = predictor.predict([img for _, img in good]) if good else []
-            for (i, img), pred in zip(good, outputs):
+        for predicted, batch_len in predict_batches(predictor, loader, summary.skipped):
+            for i, img, pred in predicted:
                 j = mine[i]
                 path, name = paths[todo[j]], names[todo[j]]
                 image_id = first_id + j
@@ -320,7 +329,7 @@ def predict_paths(
                 if on_image is not None:
                     on_image(path, img.permute(1, 2, 0).numpy(), pred)
             partial.flush()
-            bar.update(len(batch))
+            bar.update(batch_len)
     if info.enabled:
         parts = all_gather_object(summary)
         summary = PredictSummary(

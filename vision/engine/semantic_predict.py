@@ -28,6 +28,7 @@ from vision.engine.predictor import (
     _atomic_json,
     _keep_lists,
     _read_partial,
+    predict_batches,
 )
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,8 @@ def predict_semantic_paths(
     with open(partial_path, "a") as partial, tqdm(
         total=len(todo), desc="predict", unit="img", disable=not progress, dynamic_ncols=True
     ) as bar:
-        for batch in loader:
-            good = [(i, img) for i, img, err in batch if err is None]
-            for _, _, err in batch:
-                if err is not None:
-                    summary.skipped.append(err)
-                    log.warning("skipping unreadable image: %s", err)
-            outputs = predictor.predict([img for _, img in good]) if good else []
-            for (i, img), pred in zip(good, outputs):
+        for predicted, batch_len in predict_batches(predictor, loader, summary.skipped):
+            for i, img, pred in predicted:
                 rel = rels[todo[i]]
                 sem = pred["sem_seg"]
                 mask_rel = Path("masks") / rel.with_suffix(".png")
@@ -131,7 +126,7 @@ def predict_semantic_paths(
                 partial.write(json.dumps(entry) + "\n")
                 summary.done += 1
             partial.flush()
-            bar.update(len(batch))
+            bar.update(batch_len)
     entries = sorted(_read_partial(partial_path).values(), key=lambda e: e["image"]["file_name"])
     _atomic_json(out / "predictions.json", {"classes": names, "images": entries})
     return summary
