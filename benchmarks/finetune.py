@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/finetune.py [--data ../shared/data/bccd] [--out runs/bench_finetune] [--part detector classifier]
-        [--det-pretrain-steps 600] [--det-steps 300] [--cls-pretrain-steps 300] [--cls-steps 100] [--val-images N]
+        [--det-pretrain-steps 3000] [--det-steps 300] [--cls-pretrain-steps 300] [--cls-steps 100] [--val-images N]
 
 Detector: ``configs/bccd_retinanet.yaml``'s model is trained on the synthetic set (6 shape classes), then
 ``model.init_from`` initialises the BCCD detector from it (backbone, FPN, box regression and the class
@@ -12,6 +12,9 @@ model is trained on crops of the synthetic shapes, then fine-tuned on BCCD cell 
 steps from scratch.  Prints one JSON line per run, then box mAP50 (detector) and top-1 (classifier) of
 both runs and their ratio, fine-tuned / from scratch.  ``--val-images N`` evaluates on the first N test
 images only (a quick check; the figures then are rougher).
+
+Pre-training must go far enough to be worth transferring: with 600 synthetic steps (AP50 0.05 on the
+shapes) the fine-tuned detector was 0.95x the one from scratch; with 3000 (AP50 0.09) it was 1.08x.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bccd"))
     parser.add_argument("--out", default="runs/bench_finetune")
     parser.add_argument("--part", nargs="+", default=["detector", "classifier"], choices=["detector", "classifier"])
-    parser.add_argument("--det-pretrain-steps", type=int, default=600)
+    parser.add_argument("--det-pretrain-steps", type=int, default=3000)
     parser.add_argument("--det-steps", type=int, default=300)
     parser.add_argument("--cls-pretrain-steps", type=int, default=300)
     parser.add_argument("--cls-steps", type=int, default=100)
