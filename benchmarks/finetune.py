@@ -77,28 +77,27 @@ def run(config: str, overrides: list[str], out: Path, name: str) -> dict:
     return row
 
 
+def compare(config: str, prefix: str, metric: str, pretrain: list[str], common: list[str], out: Path) -> tuple[float, float]:
+    """Pre-train ``config`` on the synthetic set, then train it on BCCD from that and from scratch."""
+    pre = run(config, pretrain, out, f"{prefix}_pretrain_synthetic")
+    tuned = run(config, [*common, f"model.init_from={out / pre['run'] / 'last.pt'}"], out, f"{prefix}_finetune_bccd")
+    scratch = run(config, common, out, f"{prefix}_scratch_bccd")
+    return tuned[metric], scratch[metric]
+
+
 def detector(args: argparse.Namespace, out: Path, syn: Path, subset: list[str]) -> tuple[float, float]:
-    pre = run("bccd_retinanet.yaml", [
-        f"data.root={syn}", *SYNTHETIC_SPLITS, f"train.max_iters={args.det_pretrain_steps}",
-        "model.min_size=[240]", "model.max_size=320",
-    ], out, "det_pretrain_synthetic")
+    pretrain = [f"data.root={syn}", *SYNTHETIC_SPLITS, f"train.max_iters={args.det_pretrain_steps}",
+                "model.min_size=[240]", "model.max_size=320"]
     common = [f"data.root={args.data}", f"train.max_iters={args.det_steps}", *subset]
-    tuned = run("bccd_retinanet.yaml", [*common, f"model.init_from={out / pre['run'] / 'last.pt'}"], out,
-                "det_finetune_bccd")
-    scratch = run("bccd_retinanet.yaml", common, out, "det_scratch_bccd")
-    return tuned["AP50"], scratch["AP50"]
+    return compare("bccd_retinanet.yaml", "det", "AP50", pretrain, common, out)
 
 
 def classifier(args: argparse.Namespace, out: Path, syn: Path, subset: list[str]) -> tuple[float, float]:
     # tight crops: the recipe's 80-pixel minimum would put several of the small synthetic shapes in one crop
-    pre = run("bccd_cells_cls.yaml", [
-        f"data.root={syn}", *SYNTHETIC_SPLITS, f"train.max_iters={args.cls_pretrain_steps}", "data.crop_min_size=0",
-    ], out, "cls_pretrain_synthetic")
+    pretrain = [f"data.root={syn}", *SYNTHETIC_SPLITS, f"train.max_iters={args.cls_pretrain_steps}",
+                "data.crop_min_size=0"]
     common = [f"data.root={args.data}", f"train.max_iters={args.cls_steps}", *subset]
-    tuned = run("bccd_cells_cls.yaml", [*common, f"model.init_from={out / pre['run'] / 'last.pt'}"], out,
-                "cls_finetune_bccd")
-    scratch = run("bccd_cells_cls.yaml", common, out, "cls_scratch_bccd")
-    return tuned["top1"], scratch["top1"]
+    return compare("bccd_cells_cls.yaml", "cls", "top1", pretrain, common, out)
 
 
 def main() -> None:
