@@ -20,7 +20,6 @@ installed) on an example image, and the largest difference from the PyTorch mode
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -34,8 +33,6 @@ from torch import nn
 from vision.engine.inference import EngineOptions, optimize_for_inference
 from vision.errors import VisionError
 from vision.models.detection import detection_arch
-
-log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -181,8 +178,9 @@ def export_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     # folded batch norms: the exported graph is smaller and faster, and computes the same function
     model = optimize_for_inference(model, EngineOptions(channels_last=False), copy_model=False)
-    arch = detection_arch(model) or cfg.model.arch
-    if detection_arch(model) is not None:
+    detector = detection_arch(model)
+    arch = detector or cfg.model.arch
+    if detector is not None:
         size = int(cfg.model.min_size[0]) if cfg.model.min_size else 512
         example = _example_image(size, int(size * 4 / 3))
         max_diff, checker, compared = _export_detector(model, arch, fmt, path, example)

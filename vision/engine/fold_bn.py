@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-import logging
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
-
-log = logging.getLogger(__name__)
 
 try:  # timm has its own frozen norm (``freeze_batch_norm_2d``)
     from timm.layers import FrozenBatchNorm2d as TimmFrozenBN

@@ -146,6 +146,7 @@ def is_semantic(weights: str, config: str | None = None, overrides: Sequence[str
 
 def run_semantic_predict(args: Any) -> int:
     """``vision predict`` for a semantic_fpn model: masks/*.png, predictions.json, images/ overlays."""
+    from vision.commands.predict import engine_options
     from vision.data.image_io import list_images
     from vision.engine.predictor import load_model_for_inference
     from vision.errors import VisionError
@@ -156,8 +157,6 @@ def run_semantic_predict(args: Any) -> int:
     if not paths:
         raise VisionError(f"{args.source}: no images found")
     model, _, categories = load_model_for_inference(args.weights[0], args.config, args.overrides)
-    from vision.commands.predict import engine_options
-
     predictor = Predictor(model, categories, device=args.device, amp=args.amp, engine=engine_options(args))
     out = Path(args.out)
     root = Path(args.source) if Path(args.source).is_dir() else None
