@@ -56,8 +56,28 @@ def random_models(rng, n_models=3, n_boxes=40, n_classes=4, quantise=None, jitte
 CASES = [(seed, q) for seed in range(6) for q in (None, 10, 3)]
 
 
+@pytest.fixture(params=["compiled", "lockstep"])
+def wbf_path(request, monkeypatch):
+    """Run a WBF test on both clustering paths: the Numba kernel and the NumPy lock-step fallback."""
+    from vision.ensemble import _wbf
+
+    if request.param == "compiled":
+        assert _wbf.compiled_kernel() is not None, "Numba (an ensemble-boxes dependency) should be importable"
+    else:
+        monkeypatch.setattr(_wbf, "compiled_kernel", lambda: None)
+    return request.param
+
+
+def assert_bit_exact(ref, ours):
+    for name, r, o in zip(("boxes", "scores", "labels"), ref, ours):
+        r, o = np.asarray(r, dtype=np.float64), np.asarray(o, dtype=np.float64)
+        assert r.shape == o.shape, f"{name}: shape {r.shape} != {o.shape}"
+        assert np.array_equal(r, o, equal_nan=True), f"{name}: max diff {np.nanmax(np.abs(r - o))}"
+
+
 @pytest.mark.parametrize("seed,quantise", CASES)
 @pytest.mark.parametrize("conf_type", CONF_TYPES)
+@pytest.mark.usefixtures("wbf_path")
 def test_wbf_matches_ensemble_boxes(seed, quantise, conf_type):
     rng = np.random.default_rng(seed)
     b, s, lab = random_models(rng, n_models=1 + seed % 4, n_boxes=10 + 15 * seed, quantise=quantise)
@@ -82,6 +102,7 @@ def test_nms_and_soft_nms_match_ensemble_boxes(seed, quantise):
                 assert_same(_quiet(eb.soft_nms, b, s, lab, **kw), ve.soft_nms(b, s, lab, **kw))
 
 
+@pytest.mark.usefixtures("wbf_path")
 def test_many_ties_in_one_class():
     """More than 16 tied scores in a class: ensemble-boxes' sorts are not stable there."""
     rng = np.random.default_rng(7)
@@ -138,6 +159,7 @@ ADVERSARIAL = {
 
 @pytest.mark.filterwarnings("ignore:box coordinates outside")
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
+@pytest.mark.usefixtures("wbf_path")
 def test_adversarial_inputs(name):
     b, s, lab = ADVERSARIAL[name]
     for ct in CONF_TYPES:
@@ -179,6 +201,7 @@ def test_inputs_not_modified():
 
 @pytest.mark.parametrize("chunk", [None, 40])
 @pytest.mark.parametrize("method", ["wbf", "nms", "soft_nms", "sum"])
+@pytest.mark.usefixtures("wbf_path")
 def test_batch_equals_single_images(method, chunk, monkeypatch):
     if chunk is not None:  # force fuse_batch to split the images into several chunks
         monkeypatch.setattr("vision.ensemble.fusion._CHUNK_BOXES", chunk)
@@ -296,9 +319,25 @@ def test_soft_nms_decayed_scores_hand_example():
     np.testing.assert_allclose(ve.soft_nms(boxes, scores, labels)[1], [0.9, 0.8])
 
 
+@pytest.mark.usefixtures("wbf_path")
 def test_labels_beyond_float32_precision():
     """ensemble-boxes stores a multi-box cluster's label as float32; 2**24 + 1 then no longer matches."""
     rng = np.random.default_rng(4)
     b, s, _ = random_models(rng, n_models=3, n_boxes=12, n_classes=1)
     lab = [np.full(len(x), 2**24 + 1) for x in s]
     assert_same(_quiet(eb.weighted_boxes_fusion, b, s, lab), ve.weighted_boxes_fusion(b, s, lab))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_wbf_is_bit_exact_including_zero_scores(seed, wbf_path):
+    """Same float32 roundings and operation order as ensemble-boxes: identical bits, not just close.
+    Zero scores make 0/0 fused boxes (NaN), which ensemble-boxes then matches first, as NumPy's argmax does."""
+    rng = np.random.default_rng(100 + seed)
+    b, s, lab = random_models(rng, n_models=4, n_boxes=80, n_classes=3, quantise=3 if seed % 2 else None)
+    if seed >= 2:
+        for x in s:
+            x[rng.random(len(x)) < 0.3] = 0.0
+    for ct in CONF_TYPES:
+        for iou_thr in (0.55, 0.3):
+            kw = dict(weights=[1, 2, 1, 3], iou_thr=iou_thr, conf_type=ct)
+            assert_bit_exact(_quiet(eb.weighted_boxes_fusion, b, s, lab, **kw), ve.weighted_boxes_fusion(b, s, lab, **kw))

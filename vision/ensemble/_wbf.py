@@ -1,20 +1,22 @@
-"""Weighted boxes fusion, vectorised across classes, with ensemble-boxes' exact arithmetic.
+"""Weighted boxes fusion with ensemble-boxes' exact arithmetic, for one image or a whole results file.
 
 ensemble-boxes clusters the boxes of one class one at a time (highest score first) against the running
-fused boxes, so the algorithm is sequential within a class.  It is independent across classes, though,
-so this implementation advances every class in lock-step: step ``k`` takes the k-th box of every class
-at once and matches it against that class's current clusters with array operations.  The number of
-Python-level steps is the size of the largest class, not the number of boxes.
+fused boxes, so the algorithm is sequential within a class but independent across classes and images.
+Everything around the clustering (prefilter, grouping by (image, class), sorting with ensemble-boxes'
+tie order, the per-cluster scores of every ``conf_type``) is vectorised NumPy over all boxes at once.
+The clustering itself runs in a Numba kernel (``_wbf_numba``), or, without Numba, in a NumPy lock-step
+loop whose step ``k`` takes the k-th box of every class at once.
 
 To give the same clusters (not merely close ones) the arithmetic follows ensemble-boxes operation by
 operation: a fused box is accumulated in float32 from float64 products, divided by the float64 score
 sum and stored back as float64; a one-member cluster keeps its raw float64 row; the IoU is computed
 with the same expression order.  A box therefore lands in the same cluster even when its IoU sits
-within rounding of the threshold.
+within rounding of the threshold, and the outputs are bit-identical.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import NamedTuple
 
@@ -175,7 +177,6 @@ def wbf(
     label_row = group_label[row_gid]
     # A multi-member cluster stores its label as float32; if that rounds, ensemble-boxes never matches it again.
     label_f32_exact = np.float32(label_row).astype(np.float64) == label_row.astype(np.float64)
-    check_label = not label_f32_exact.all()
 
     # Cluster state, (channel, cluster * G + row): rows 0-4 the float32-valued coordinate sums and the
     # float64 score sum, rows 5-9 the fused box and its area.  Clusters not created yet are the box
@@ -184,69 +185,15 @@ def wbf(
     X2 = np.zeros((10, size))
     X2[5:7] = 3.0
     X2[7:9] = -3.0
-    q32 = np.empty((4, G), dtype=np.float32)
-    A2 = X2[:5]
-    F2 = X2[5:]
-    F = F2.reshape(5, nmax, G)
     n_clusters = np.zeros(G, dtype=np.int64)
     member_t = np.zeros((nmax, G), dtype=np.int64)
-    counts = np.zeros((nmax, G), dtype=np.int64) if check_label else None
-    ar = np.arange(G)
-    cols = np.arange(nmax)
-    act = np.searchsorted(-row_sizes, -np.arange(nmax), side="left").tolist()  # rows with size > k
-    mask_unmatchable = iou_thr < 0 or check_label
-    mul_reduce, max_reduce = np.multiply.reduce, np.maximum.reduce
-
-    a = act[0]
-    F2[:, :a] = BT[:, 0, :a]
-    A2[:, :a] = BVT[:, 0, :a]
-    n_clusters[:a] = 1
-    if check_label:
-        counts[0, :a] = 1
-    mc = 1  # no active row has more clusters than this
-    maximum, minimum, divide, where, copyto = np.maximum, np.minimum, np.divide, np.where, np.copyto
-    take = X2.take
-    for k in range(1, nmax):
-        a = act[k]
-        b = BT[:, k, :a]
-        Fk = F[:, :mc, :a]
-        # ensemble-boxes: max(min(x2) - max(x1), 0) * max(min(y2) - max(y1), 0); here each factor
-        # negated, which leaves the product exact.
-        m = maximum(Fk[:4], b[:4, None])
-        d = m[:2] + m[2:4]
-        minimum(d, 0, out=d)
-        inter = d[0] * d[1]
-        den = Fk[4] + b[4]
-        den -= inter
-        iou = divide(inter, den, out=den)
-        if mask_unmatchable:
-            invalid = cols[:mc, None] >= n_clusters[None, :a]
-            if check_label:
-                invalid |= (counts[:mc, :a] > 1) & ~label_f32_exact[None, :a]
-            iou[invalid] = -1
-        best = iou.argmax(axis=0)
-        ara = ar[:a]
-        match = iou[best, ara] > iou_thr
-        nc = n_clusters[:a]
-        c = where(match, best, nc)
-        fi = c * G
-        fi += ara
-        x = take(fi, axis=1)
-        x[:5] += BVT[:, k, :a]
-        x[:4] = x[:4].astype(np.float32)
-        q = q32[:, :a]
-        divide(x[:4], x[4], out=q)  # float64 division, rounded to float32
-        x[5:9] = q
-        wh = x[7:9] + x[5:7]  # the negated width and height
-        mul_reduce(wh, axis=0, out=x[9])
-        unmatched = ~match
-        copyto(x[5:], b, where=unmatched)
-        X2[:, fi] = x
-        member_t[k, :a] = c
-        nc += unmatched
-        if check_label:
-            counts[c, ara] += 1
-        mc = int(max_reduce(nc))
+    kernel = compiled_kernel()
+    if kernel is not None:
+        kernel(BT, BVT, row_sizes, float(iou_thr), label_f32_exact, X2, member_t, n_clusters)
+    else:
+        _cluster_lockstep(BT, BVT, row_sizes, iou_thr, label_f32_exact, X2, member_t, n_clusters)
+    A2 = X2[:5]
+    F2 = X2[5:]
 
     # Per-cluster statistics; sums run in the order members joined, as ensemble-boxes adds them.
     cs = member_t[pos, rows] * G + rows  # cluster slot of each sorted box
@@ -325,3 +272,92 @@ def wbf(
     box_out = np.empty(n_total, dtype=np.int64)
     box_out[order] = row_of_slot[cs]
     return WbfResult(out_b, out_s, out_l, box_out)
+
+
+# The clustering itself: two implementations that fill the same state (X2, member_t, n_clusters) with
+# the same arithmetic.  Both follow ensemble-boxes operation by operation: a new member's score-weighted
+# coordinates are added in float64 to the float32 running sums and rounded back to float32, the fused box
+# is the float64 quotient rounded to float32, and a box joins the first cluster of highest IoU unless
+# that IoU is <= iou_thr (so a NaN IoU, from zero scores, matches, as NumPy's argmax picks it first).
+
+
+def _cluster_lockstep(BT, BVT, row_sizes, iou_thr, label_f32_exact, X2, member_t, n_clusters) -> None:
+    """Pure NumPy: step k takes the k-th box of every row at once, so the Python-level steps number the
+    largest row's size, not the boxes."""
+    G = BT.shape[2]
+    nmax = BT.shape[1]
+    check_label = not label_f32_exact.all()
+    q32 = np.empty((4, G), dtype=np.float32)
+    A2 = X2[:5]
+    F2 = X2[5:]
+    F = F2.reshape(5, nmax, G)
+    counts = np.zeros((nmax, G), dtype=np.int64) if check_label else None
+    ar = np.arange(G)
+    cols = np.arange(nmax)
+    act = np.searchsorted(-row_sizes, -np.arange(nmax), side="left").tolist()  # rows with size > k
+    mask_unmatchable = iou_thr < 0 or check_label
+    mul_reduce, max_reduce = np.multiply.reduce, np.maximum.reduce
+
+    a = act[0]
+    F2[:, :a] = BT[:, 0, :a]
+    A2[:4, :a] = BVT[:4, 0, :a].astype(np.float32)
+    A2[4, :a] = BVT[4, 0, :a]
+    n_clusters[:a] = 1
+    if check_label:
+        counts[0, :a] = 1
+    mc = 1  # no active row has more clusters than this
+    maximum, minimum, divide, where, copyto = np.maximum, np.minimum, np.divide, np.where, np.copyto
+    take = X2.take
+    for k in range(1, nmax):
+        a = act[k]
+        b = BT[:, k, :a]
+        Fk = F[:, :mc, :a]
+        # ensemble-boxes: max(min(x2) - max(x1), 0) * max(min(y2) - max(y1), 0); here each factor
+        # negated, which leaves the product exact.
+        m = maximum(Fk[:4], b[:4, None])
+        d = m[:2] + m[2:4]
+        minimum(d, 0, out=d)
+        inter = d[0] * d[1]
+        den = Fk[4] + b[4]
+        den -= inter
+        iou = divide(inter, den, out=den)
+        if mask_unmatchable:
+            invalid = cols[:mc, None] >= n_clusters[None, :a]
+            if check_label:
+                invalid |= (counts[:mc, :a] > 1) & ~label_f32_exact[None, :a]
+            iou[invalid] = -1
+        best = iou.argmax(axis=0)
+        ara = ar[:a]
+        unmatched = iou[best, ara] <= iou_thr
+        nc = n_clusters[:a]
+        c = where(unmatched, nc, best)
+        fi = c * G
+        fi += ara
+        x = take(fi, axis=1)
+        x[:5] += BVT[:, k, :a]
+        x[:4] = x[:4].astype(np.float32)
+        q = q32[:, :a]
+        divide(x[:4], x[4], out=q)  # float64 division, rounded to float32
+        x[5:9] = q
+        wh = x[7:9] + x[5:7]  # the negated width and height
+        mul_reduce(wh, axis=0, out=x[9])
+        copyto(x[5:], b, where=unmatched)
+        X2[:, fi] = x
+        member_t[k, :a] = c
+        nc += unmatched
+        if check_label:
+            counts[c, ara] += 1
+        mc = int(max_reduce(nc))
+
+
+def compiled_kernel():
+    """The Numba kernel (``_wbf_numba.cluster_rows``), or None without Numba or with ``VISION_NUMBA=0``,
+    in which case the NumPy lock-step path runs.  Numba comes with ensemble-boxes; the kernel is
+    compiled on first use and cached on disk, so only the first process pays for compiling it."""
+    if os.environ.get("VISION_NUMBA", "1") == "0":
+        return None
+    try:
+        from vision.ensemble._wbf_numba import cluster_rows
+    except ImportError:
+        return None
+    return cluster_rows
