@@ -1,14 +1,15 @@
-"""Long-tail sampling and detection AutoAugment: the same detector, the same number of steps, six ways.
+"""Long-tail sampling and detection AutoAugment: the same detector, the same number of steps, several ways.
 
 Usage:
     python benchmarks/longtail.py [--steps 600] [--long-tail 100] [--bccd ../shared/data/bccd]
-        [--bccd-steps 600] [--only synthetic|bccd] [--autoaugment both|off|on]
+        [--bccd-steps 600] [--only synthetic|bccd] [--autoaugment both|off|on] [--samplers NAME ...]
 
-Trains a small Faster R-CNN with ``data.sampler`` uniform, class_balanced and repeat_factor, each with
+Trains a small Faster R-CNN with ``data.sampler`` uniform, class_balanced (fully balanced, and softened to
+square-root sampling with ``data.class_power=0.5``) and repeat_factor, each with
 and without AutoAugment v0, on (1) a synthetic shapes set whose class frequencies span ``--long-tail``
 to 1 (one class per image) and (2) BCCD (RBC outnumbers the others about 11 to 1).  Prints per-class
 AP and mAP for every run, then, as the last line, the rarest synthetic class's AP gain of
-class-balanced over uniform sampling (without AutoAugment) and the mAP change.
+class-balanced (full and square-root) over uniform sampling (without AutoAugment) and the mAP changes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-SAMPLERS = ("uniform", "class_balanced", "repeat_factor")
+# Each run's sampler settings; class_balanced_sqrt softens the balance to square-root sampling.
+SAMPLERS = {
+    "uniform": ["data.sampler=uniform"],
+    "class_balanced": ["data.sampler=class_balanced"],
+    "class_balanced_sqrt": ["data.sampler=class_balanced", "data.class_power=0.5"],
+    "repeat_factor": ["data.sampler=repeat_factor"],
+}
 
 SYNTHETIC_RECIPE = [
     "model.arch=faster_rcnn", "model.backbone=resnet18", "model.fpn_channels=64", "model.min_size=[192]",
@@ -63,9 +70,9 @@ def synthetic_runs(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict]
     counts = info["counts"]["train"]
     rows = {}
     for aa in args.aa_modes:
-        for sampler in SAMPLERS:
+        for sampler in args.samplers:
             name = f"{sampler}{' +AA v0' if aa else ''}"
-            extra = [f"data.root={data}", f"data.sampler={sampler}", f"train.max_iters={args.steps}",
+            extra = [f"data.root={data}", *SAMPLERS[sampler], f"train.max_iters={args.steps}",
                      f"name=lt_{sampler}_{int(aa)}"]
             if aa:
                 extra += ["data.augment.autoaugment=v0", "data.augment.autoaugment_reference_size=640"]
@@ -79,9 +86,9 @@ def synthetic_runs(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict]
 def bccd_runs(args: argparse.Namespace, out: Path) -> dict[str, dict]:
     rows = {}
     for aa in args.aa_modes:
-        for sampler in SAMPLERS:
+        for sampler in args.samplers:
             name = f"{sampler}{' +AA v0' if aa else ''}"
-            extra = [f"data.root={args.bccd}", f"data.sampler={sampler}", f"train.max_iters={args.bccd_steps}",
+            extra = [f"data.root={args.bccd}", *SAMPLERS[sampler], f"train.max_iters={args.bccd_steps}",
                      "train.time_budget_min=null", "train.eval_every=0", f"name=bccd_{sampler}_{int(aa)}"]
             if aa:
                 extra += ["data.augment.autoaugment=v0"]
@@ -99,6 +106,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("synthetic", "bccd"))
     parser.add_argument("--autoaugment", choices=("both", "off", "on"), default="both",
                         help="runs without AutoAugment, with it, or both (the two halves can run side by side)")
+    parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
     parser.add_argument("--out", default="runs/bench_longtail")
     args = parser.parse_args()
     args.aa_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.autoaugment]
@@ -110,12 +118,16 @@ def main() -> None:
         table(f"synthetic long tail {args.long_tail:g}:1, {args.steps} steps (AP per class, most to least frequent)", syn)
     if bccd:
         table(f"BCCD, {args.bccd_steps} steps (AP per class)", bccd)
-    if syn:
-        suffix = "" if "uniform" in syn else " +AA v0"
-        u, cb = syn[f"uniform{suffix}"], syn[f"class_balanced{suffix}"]
-        gain = (cb["per_class"][rarest] - u["per_class"][rarest]) * 100
-        print(f"rarest class ({rarest}) AP gain class_balanced vs uniform{suffix}: {gain:+.1f} points; "
-              f"mAP change {(cb['mAP'] - u['mAP']) * 100:+.1f} points")
+    suffix = "" if "uniform" in syn else " +AA v0"
+    if f"uniform{suffix}" in syn:
+        u = syn[f"uniform{suffix}"]
+        parts = []
+        for variant in ("class_balanced", "class_balanced_sqrt"):
+            if f"{variant}{suffix}" in syn:
+                cb = syn[f"{variant}{suffix}"]
+                gain = (cb["per_class"][rarest] - u["per_class"][rarest]) * 100
+                parts.append(f"{variant} {gain:+.1f} points (mAP {(cb['mAP'] - u['mAP']) * 100:+.1f})")
+        print(f"rarest class ({rarest}) AP gain vs uniform{suffix}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

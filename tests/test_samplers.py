@@ -51,6 +51,33 @@ def test_class_balanced_equalizes_classes_spanning_1000_to_1():
     assert not empty & set(iter(sampler))
 
 
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_class_power_draws_classes_in_proportion_to_image_counts_to_the_power(power):
+    """With one class per image, each class's share of draws is n(c)^p / sum n^p (within 10%)."""
+    labels = _long_tail_single_class()
+    classes = [1, 2, 3, 4, 5]
+    counts = np.array([1000, 200, 50, 10, 1], np.float64)
+    expected = counts**power / (counts**power).sum()
+    sampler = build_sampler("class_balanced", labels, epoch_length=DRAWS, seed=3, class_power=power)
+    np.testing.assert_allclose(sampler.class_probs, expected, rtol=1e-12)
+    frac = _fractions(sampler, labels, classes)
+    tol = np.maximum(0.1 * expected, 4 * np.sqrt(expected / DRAWS))  # the rarest share at p=1 is 1/1261
+    assert (np.abs(frac - expected) < tol).all(), (frac, expected)
+    # square-root sampling sits between balanced and the data's own mix for the rarest class
+    if power == 0.5:
+        uniform = _fractions(build_sampler("uniform", labels), labels, classes)
+        assert uniform[-1] < frac[-1] < 0.1
+
+
+def test_class_power_zero_is_the_plain_class_balanced_sampler():
+    labels = _long_tail_single_class()
+    a = list(build_sampler("class_balanced", labels, epoch_length=500, seed=9))
+    b = list(build_sampler("class_balanced", labels, epoch_length=500, seed=9, class_power=0.0))
+    assert a == b
+    with pytest.raises(ConfigError, match="class_power"):
+        build_sampler("class_balanced", labels, class_power=1.5)
+
+
 def _check_shared_images(labels: list[np.ndarray], classes: list[int]) -> np.ndarray:
     """On images holding several classes each, every class is drawn at least as often as uniformly."""
     contains = _contains(labels, classes)

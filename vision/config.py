@@ -66,6 +66,7 @@ class DataConfig:
     sampler: str = "uniform"  # uniform | class_balanced | repeat_factor
     epoch_length: int | None = None  # draws per epoch for the class-balanced sampler
     class_cap: int | None = None  # class-balanced: at most this many distinct images per class
+    class_power: float = 0.0  # class-balanced: pick class c with prob ~ n(c)^p (0 balanced, 0.5 square-root)
     repeat_threshold: float = 0.001  # repeat-factor: LVIS threshold t
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # classification: splits may also be `folder` (a sub-folder per class) or `csv` (path,label[,label...]);

@@ -8,7 +8,11 @@ when every image is seen once per epoch.  Two remedies are offered next to plain
   without instances are never drawn, since no class can pick them.  ``class_cap`` keeps at most that
   many distinct images per class (a fixed, seed-chosen subset), so a frequent class does not spread its
   share over thousands of near-duplicates; ``epoch_length`` sets the draws per epoch (default: the
-  number of images).
+  number of images).  ``class_power`` p softens the balance: a class is picked with probability
+  proportional to n(c)^p, n(c) the number of images holding it; p = 0 (default) is the uniform class
+  draw above, p = 1 follows the classes' image counts (about what uniform image sampling gives when
+  each image holds one class), and p = 0.5 is square-root sampling (Mahajan et al. 2018), which lifts
+  rare classes without starving the frequent ones on a short schedule.
 - ``repeat_factor`` (LVIS, Gupta et al. 2019): with f(c) the fraction of images containing class c,
   r(c) = max(1, sqrt(t / f(c))); an image repeats r(i) = max of r(c) over its classes (1 without
   labels), rounded stochastically each epoch (floor plus a coin with the fractional part).
@@ -117,8 +121,10 @@ class ClassBalancedSampler(EpochSampler):
     """
 
     def __init__(self, labels_per_image: Sequence[np.ndarray], *, epoch_length: int | None = None,
-                 class_cap: int | None = None, **kwargs: int):
+                 class_cap: int | None = None, class_power: float = 0.0, **kwargs: int):
         super().__init__(len(labels_per_image), **kwargs)
+        if not 0.0 <= class_power <= 1.0:
+            raise ConfigError(f"data.class_power must be in [0, 1], got {class_power}")
         self.class_images = _classes_to_images(labels_per_image)
         if not self.class_images:
             raise VisionError("class-balanced sampling needs at least one image with instances")
@@ -137,10 +143,20 @@ class ClassBalancedSampler(EpochSampler):
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self._sizes = sizes
         self._flat = np.concatenate(list(self.class_images.values()))
+        # Class probabilities from the image counts before the cap: the cap limits distinct images,
+        # not how often a class is the reason for a draw.
+        counts = np.array([len(v) for v in _classes_to_images(labels_per_image).values()], np.float64)
+        weights = counts**class_power
+        self.class_probs = weights / weights.sum()
+        self._cdf = np.cumsum(self.class_probs) if class_power > 0 else None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         rng = self._rng(epoch)
-        cls = rng.integers(0, len(self._sizes), self.epoch_length)
+        if self._cdf is None:
+            cls = rng.integers(0, len(self._sizes), self.epoch_length)
+        else:
+            cls = np.searchsorted(self._cdf, rng.random(self.epoch_length) * self._cdf[-1], side="right")
+            cls = np.minimum(cls, len(self._sizes) - 1)
         pos = (rng.random(self.epoch_length) * self._sizes[cls]).astype(np.int64)
         return self._flat[self._offsets[cls] + pos]
 
@@ -189,6 +205,7 @@ def build_sampler(
     shuffle: bool = True,
     epoch_length: int | None = None,
     class_cap: int | None = None,
+    class_power: float = 0.0,
     repeat_threshold: float = 0.001,
 ) -> EpochSampler:
     """The sampler named by ``data.sampler`` for a data set's per-image labels.
@@ -202,7 +219,8 @@ def build_sampler(
     if kind == "uniform":
         return UniformSampler(len(labels_per_image), shuffle=shuffle, **common)
     if kind == "class_balanced":
-        return ClassBalancedSampler(labels_per_image, epoch_length=epoch_length, class_cap=class_cap, **common)
+        return ClassBalancedSampler(labels_per_image, epoch_length=epoch_length, class_cap=class_cap,
+                                    class_power=class_power, **common)
     if kind == "repeat_factor":
         return RepeatFactorSampler(labels_per_image, repeat_threshold=repeat_threshold, shuffle=shuffle, **common)
     raise ConfigError(f"unknown data.sampler '{kind}' (choose {', '.join(SAMPLERS)})")

@@ -448,7 +448,7 @@ class Trainer:
         return build_sampler(
             d.sampler, self.train_set.labels_per_image(), num_replicas=self.dist.world_size,
             rank=self.dist.rank, seed=self.tcfg.seed, shuffle=True, epoch_length=d.epoch_length,
-            class_cap=d.class_cap, repeat_threshold=d.repeat_threshold,
+            class_cap=d.class_cap, class_power=d.class_power, repeat_threshold=d.repeat_threshold,
         )
 
     def _make_ema(self) -> nn.Module:
