@@ -137,6 +137,40 @@ def _assert_same_detections(got: dict, exp: dict, top: int) -> None:
             torch.testing.assert_close(got["masks"][k], exp["masks"][j], atol=1e-3, rtol=0)
 
 
+def test_training_time_evaluation_runs_through_the_engine(monkeypatch) -> None:
+    """The trainer's evaluation (``predict_shards``) folds a copy: same detections, model left trainable."""
+    from vision.engine import trainer
+    from vision.engine.trainer import predict_shards
+
+    optimized = []
+    real = trainer.optimize_for_inference
+    monkeypatch.setattr(trainer, "optimize_for_inference", lambda m, o: optimized.append(o) or real(m, o))
+
+    model = _detector("faster_rcnn").train()  # evaluated in the middle of training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dataset = [(img.float() / 255, {"image_id": i}) for i, img in enumerate(_images())]
+
+    def collate(batch):
+        return [b[0] for b in batch], [b[1] for b in batch]
+
+    def keep(images, targets, outputs, indices):
+        return dict(zip(indices, outputs))
+
+    # one image per pass in both (padding a batch to its largest image moves detections near the edges)
+    kw = dict(batch_size=2, num_workers=0, show_progress=False, split_batches=True)
+    fast = predict_shards(model, dataset, torch.device("cpu"), collate, keep, **kw)
+    assert optimized == [EngineOptions()]
+    plain = predict_shards(model, dataset, torch.device("cpu"), collate, keep, engine=EngineOptions.plain(), **kw)
+    assert len(optimized) == 1, "the plain options evaluate the model itself"
+    assert model.training and _norms(model) == 20
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+    assert sorted(fast) == sorted(plain) == [0, 1, 2]
+    for i in plain:
+        assert len(plain[i]["boxes"]) >= 5, "the comparison needs real detections"
+        _assert_same_detections(fast[i], plain[i], top=20)
+
+
 def test_classifier_engine_matches_the_plain_model() -> None:
     torch.manual_seed(0)
     model = _with_running_stats(build_model(ModelConfig(arch="classifier", backbone="resnet18", num_classes=4,
