@@ -220,6 +220,15 @@ def test_tiny_classification_run_checkpoint_predict_and_report(tmp_path) -> None
     assert out["done"] == 16 and len(out["skipped"]) == 1 and "bad.png" in out["skipped"][0]
     rows = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "file,class,score" and len(rows) == 17
+    # --amp (bfloat16 autocast here) gives the same classes; a precision the device lacks fails up front
+    predict_images(best, paths, tmp_path / "pred_amp", device="cpu", amp=True)
+    assert (tmp_path / "pred_amp" / "predictions.csv").read_text().count(",red,") == "\n".join(rows).count(",red,")
+    from vision.engine.inference import EngineOptions
+    from vision.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16"):
+        predict_images(best, paths, tmp_path / "pred_fp16", device="cpu", engine=EngineOptions(precision="fp16"))
+    assert not (tmp_path / "pred_fp16").exists()
     metrics = evaluate_checkpoint(best, out_dir=tmp_path / "report")
     assert metrics["top1"] == pytest.approx(summary["best_ap"]), "best.pt scores what it scored in training"
     assert (tmp_path / "report" / "confusion_matrix.png").is_file()

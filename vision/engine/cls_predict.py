@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vision.engine.device import select_device
-from vision.engine.inference import EngineOptions, optimize_for_inference, precision_context
+from vision.engine.device import autocast, select_device
+from vision.engine.inference import EngineOptions, optimize_for_inference, precision_context, precision_dtype
 from vision.engine.logging import progress
 
 
@@ -101,10 +101,12 @@ def is_classifier_checkpoint(weights: str | os.PathLike) -> bool:
 def predict_images(
     weights: str | os.PathLike, paths: Sequence[str], out_dir: str | os.PathLike, *, config: str | None = None,
     overrides: Sequence[str] = (), batch_size: int = 16, device: str = "auto", root: str | None = None,
-    engine: EngineOptions | None = None,
+    engine: EngineOptions | None = None, amp: bool = False,
 ) -> dict[str, Any]:
     """Classifies whole images; writes ``predictions.json`` (top-k classes and scores per file) and
-    ``predictions.csv`` (file, class, score).  Unreadable files are skipped and named."""
+    ``predictions.csv`` (file, class, score).  Unreadable files are skipped and named.  ``amp`` is
+    mixed precision as in training (bfloat16 on a CPU, float16 on CUDA); ``engine.precision`` is the
+    engine's own choice, checked before the first image is read."""
     from PIL import Image
 
     from vision.data.classification import build_cls_transform
@@ -115,6 +117,7 @@ def predict_images(
     model, cfg, categories = load_model_for_inference(weights, config, overrides)
     dev = select_device(device)
     engine = EngineOptions() if engine is None else engine
+    precision_dtype(engine.precision, dev)  # a precision this device cannot run fails here, not mid-folder
     model = optimize_for_inference(model.to(dev), engine, copy_model=False)
     transform = build_cls_transform(cfg, training=False)
     out = Path(out_dir)
@@ -142,7 +145,7 @@ def predict_images(
                 except ImageReadError as e:
                     skipped.append(str(e))
             if batch:
-                with torch.inference_mode(), precision_context(engine.precision, dev):
+                with torch.inference_mode(), autocast(dev, amp), precision_context(engine.precision, dev):
                     outputs = model([b.to(dev, non_blocking=True) for b in batch])
                 for p, o in zip(chunk, outputs):
                     labels = o["labels"].tolist()
@@ -178,6 +181,7 @@ def run_classifier_predict(args: Any) -> int:
     summary = predict_images(
         args.weights[0], paths, args.out, config=args.config, overrides=args.overrides,
         batch_size=max(1, args.batch_size), device=args.device, root=root, engine=engine_options(args),
+        amp=args.amp,
     )
     for line in summary["skipped"]:
         print(f"skipped {line}")
