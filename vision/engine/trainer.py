@@ -168,11 +168,15 @@ class PositionedSampler(Sampler):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader workers: seeded from the loader's generator, one thread each (no oversubscription)."""
+    """DataLoader workers: seeded from the loader's generator, one thread each (no oversubscription:
+    the workers share the cores with the model, and OpenCV would otherwise start a pool per worker)."""
+    import cv2
+
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 def make_loader(
