@@ -228,3 +228,64 @@ def test_bf16_engine_keeps_the_top_detections() -> None:
     assert half["boxes"].dtype == torch.float32
     # bfloat16 keeps 8 bits of mantissa: scores agree to about 1e-2, not 1e-3
     torch.testing.assert_close(half["scores"][:5], plain["scores"][:5], atol=3e-2, rtol=0)
+
+
+def test_batched_retinanet_postprocess_equals_torchvisions() -> None:
+    """One pass over the batch gives torchvision's per-image, per-level detections (top-k, clipping,
+    class-wise NMS and the per-image cap all exercised)."""
+    from torchvision.models.detection import RetinaNet
+
+    from vision.engine.postprocess import batched_postprocess_detections
+
+    model = _detector("retinanet")
+    model.detections_per_img = 150
+    g = torch.Generator().manual_seed(5)
+    n, k, shapes = 3, 20, [(150, 200), (200, 150), (160, 170)]
+    levels = [900, 225, 64]
+    logits = [torch.randn(n, a, k, generator=g) * 2 - 3 for a in levels]
+    regression = [torch.randn(n, a, 4, generator=g) * 0.3 for a in levels]
+    anchors = []
+    for _ in range(n):
+        per_level = []
+        for a in levels:
+            xy = torch.rand(a, 2, generator=g) * 200
+            wh = torch.rand(a, 2, generator=g) * 60 + 4
+            per_level.append(torch.cat([xy, xy + wh], dim=1))
+        anchors.append(per_level)
+    heads = {"cls_logits": logits, "bbox_regression": regression}
+    ref = RetinaNet.postprocess_detections(model, heads, anchors, shapes)
+    got = batched_postprocess_detections(model, heads, anchors, shapes)
+    for r, o in zip(ref, got):
+        assert len(r["scores"]) > 50, "the comparison needs many detections"
+        assert len(o["scores"]) == len(r["scores"])
+        torch.testing.assert_close(o["scores"], r["scores"], rtol=0, atol=0)
+        torch.testing.assert_close(o["boxes"], r["boxes"], rtol=0, atol=0)
+        assert torch.equal(o["labels"], r["labels"])
+    assert any(len(r["scores"]) == model.detections_per_img for r in ref), "the per-image cap is reached"
+    # nothing above the threshold: empty detections for every image
+    cold = {"cls_logits": [torch.full_like(x, -20.0) for x in logits], "bbox_regression": regression}
+    assert [len(d["boxes"]) for d in batched_postprocess_detections(model, cold, anchors, shapes)] == [0, 0, 0]
+
+
+def test_batched_roi_postprocess_equals_torchvisions() -> None:
+    """The R-CNN box head's batched post-processing: torchvision's detections image by image."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    from vision.engine.postprocess import batched_roi_postprocess_detections
+
+    heads = _detector("faster_rcnn").roi_heads
+    heads.detections_per_img = 40
+    g = torch.Generator().manual_seed(6)
+    k, shapes, counts = 4, [(150, 200), (200, 150), (160, 170)], [300, 0, 250]  # one image with no proposals
+    proposals = []
+    for c in counts:
+        xy = torch.rand(c, 2, generator=g) * 180
+        proposals.append(torch.cat([xy, xy + torch.rand(c, 2, generator=g) * 50 + 1], dim=1))
+    logits = torch.randn(sum(counts), k, generator=g) * 2
+    regression = torch.randn(sum(counts), k * 4, generator=g) * 0.5
+    ref = RoIHeads.postprocess_detections(heads, logits, regression, proposals, shapes)
+    got = batched_roi_postprocess_detections(heads, logits, regression, proposals, shapes)
+    for field, r_list, o_list in zip(("boxes", "scores", "labels"), ref, got):
+        for r, o in zip(r_list, o_list):
+            torch.testing.assert_close(o, r, rtol=0, atol=0, msg=field)
+    assert [len(s) for s in ref[1]] == [40, 0, 40], "the cap and the empty image are exercised"

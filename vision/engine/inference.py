@@ -10,6 +10,8 @@ What it changes, and why each step is safe:
   fills the cores, and a padded batch only adds memory traffic (and padding when the sizes differ), so
   images run one at a time there; on a GPU batches fill the device, and grouping by aspect ratio keeps
   the padding torchvision's transform adds small.
+- RetinaNet's post-processing runs once for the whole batch (``postprocess.py``) instead of per
+  image and per level: the same detections with a fraction of the small kernel calls.
 - Optional reduced precision (bfloat16 on CPUs with native support, float16 or bfloat16 on CUDA) and
   optional ``torch.compile``.  These trade exactness or start-up time for speed and are off by default;
   the float32 path stays within 1e-3 of the unoptimised model.
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from vision.engine.fold_bn import fold_batch_norms
+from vision.engine.postprocess import use_batched_postprocess
 from vision.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,10 +48,12 @@ class EngineOptions:
     precision: str = "fp32"
     compile: bool = False
     micro_batch: int = 0  # images per forward pass; 0: 1 on CPU, 8 on CUDA
+    batched_postprocess: bool = True  # RetinaNet: one pass over the batch instead of a loop per image
 
     @classmethod
     def plain(cls) -> EngineOptions:
-        return cls(fold_bn=False, channels_last=False, precision="fp32", compile=False, micro_batch=0)
+        return cls(fold_bn=False, channels_last=False, precision="fp32", compile=False, micro_batch=0,
+                   batched_postprocess=False)
 
     def images_per_pass(self, device: torch.device) -> int:
         if self.micro_batch > 0:
@@ -123,6 +128,8 @@ def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model:
         roi_heads = getattr(model, "roi_heads", None)
         if isinstance(roi_heads, nn.Module):
             roi_heads.register_forward_pre_hook(_features_to_nchw)
+    if options.batched_postprocess:
+        use_batched_postprocess(model)
     if options.compile:
         if isinstance(backbone, nn.Module):
             # the backbone is the one tensor-in, tensors-out part; image sizes vary, so shapes are dynamic

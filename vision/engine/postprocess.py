@@ -1,0 +1,133 @@
+"""Detection post-processing for a whole batch at once (RetinaNet, and the R-CNN box head).
+
+torchvision's ``RetinaNet.postprocess_detections`` and ``RoIHeads.postprocess_detections`` loop over
+images (RetinaNet also over FPN levels): threshold, top-k, decode, clip, then class-wise NMS, which on a
+CPU above 1000 boxes is one ``nms`` call per class present.  With a batch of 8 images and 80 classes
+that is hundreds of small calls, each a kernel launch on a GPU.  Here each step runs once for the whole
+batch, and one ``nms`` call covers every (image, class) group, kept apart by the offset trick
+torchvision itself uses for small inputs.  The offsets are added in float64, where they are exact, so
+a box's IoU with its group is what it would be alone.
+
+The detections are torchvision's: the same boxes, scores and labels per image, in descending score.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import nms, remove_small_boxes
+
+
+def _clip_per_image(boxes: Tensor, height: Tensor, width: Tensor) -> Tensor:
+    """``clip_boxes_to_image`` with each box's own image bounds (``height``/``width`` broadcast)."""
+    xs = boxes[..., 0::2].clamp(min=0).minimum(width)
+    ys = boxes[..., 1::2].clamp(min=0).minimum(height)
+    return torch.stack((xs, ys), dim=-1).reshape(boxes.shape)
+
+
+def nms_per_image_and_class(
+    boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, num_images: int, num_classes: int,
+    iou_threshold: float, cap: int,
+) -> list[Tensor]:
+    """For each image, the indices its class-wise NMS keeps, by descending score, at most ``cap``.
+
+    The candidates of all images come in one list (``image`` says whose each is), image-major and, within
+    an image, in the order torchvision would pass them to ``batched_nms``.
+    """
+    if not scores.numel():
+        return [torch.zeros(0, dtype=torch.int64, device=scores.device)] * num_images
+    group = image * num_classes + labels
+    boxes64 = boxes.double()
+    offsets = group.double() * (boxes64.max() + 1)
+    keep = nms(boxes64 + offsets[:, None], scores.double(), iou_threshold)  # by descending score
+    keep = keep[torch.sort(image[keep], stable=True).indices]  # grouped by image, scores still descending
+    counts = torch.bincount(image[keep], minlength=num_images).tolist()
+    return [kept[:cap] for kept in keep.split(counts)]
+
+
+def _level_candidates(
+    model: RetinaNet, logits: Tensor, regression: Tensor, anchors: Tensor, sizes: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One FPN level for all images: each image's top-k scores above the threshold (padded with
+    invalid entries to a common k), their decoded and clipped boxes and their labels."""
+    n, _, num_classes = logits.shape
+    scores = torch.sigmoid(logits).flatten(1)
+    k = min(model.topk_candidates, scores.shape[1])
+    top, idx = scores.masked_fill(scores <= model.score_thresh, -1.0).topk(k, dim=1)
+    valid = top > model.score_thresh
+    anchor_idx = torch.div(idx, num_classes, rounding_mode="floor")
+    labels = idx % num_classes
+    gather = anchor_idx[..., None].expand(n, k, 4)
+    boxes = model.box_coder.decode_single(
+        regression.gather(1, gather).reshape(-1, 4), anchors.gather(1, gather).reshape(-1, 4)
+    ).reshape(n, k, 4)
+    boxes = _clip_per_image(boxes, sizes[:, 0].view(n, 1, 1), sizes[:, 1].view(n, 1, 1))
+    return boxes, top, labels, valid
+
+
+def batched_postprocess_detections(
+    self: RetinaNet, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+    image_shapes: list[tuple[int, int]],
+) -> list[dict[str, Tensor]]:
+    """Drop-in for ``RetinaNet.postprocess_detections`` (same arguments, same detections)."""
+    num_images = len(image_shapes)
+    logits_per_level = head_outputs["cls_logits"]
+    device = logits_per_level[0].device
+    sizes = torch.tensor(image_shapes, dtype=torch.float32, device=device)
+    num_classes = logits_per_level[0].shape[-1]
+    parts = [
+        _level_candidates(self, logits, regression, torch.stack([a[level] for a in anchors]), sizes)
+        for level, (logits, regression) in enumerate(zip(logits_per_level, head_outputs["bbox_regression"]))
+    ]
+    # image-major, then level by level, as torchvision concatenates them
+    boxes, scores, labels, valid = (torch.cat([p[i] for p in parts], dim=1) for i in range(4))
+    image = torch.arange(num_images, device=device)[:, None].expand_as(valid)
+    boxes, scores, labels, image = boxes[valid], scores[valid], labels[valid], image[valid]
+    kept = nms_per_image_and_class(boxes, scores, labels, image, num_images, num_classes, self.nms_thresh,
+                                   self.detections_per_img)
+    return [{"boxes": boxes[k], "scores": scores[k], "labels": labels[k]} for k in kept]
+
+
+def batched_roi_postprocess_detections(
+    self: RoIHeads, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+    image_shapes: list[tuple[int, int]],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Drop-in for ``RoIHeads.postprocess_detections`` (Faster and Mask R-CNN): same arguments, same
+    detections."""
+    device = class_logits.device
+    num_images, num_classes = len(image_shapes), class_logits.shape[-1]
+    per_image = torch.tensor([len(p) for p in proposals], device=device)
+    image = torch.repeat_interleave(torch.arange(num_images, device=device), per_image)
+    sizes = torch.tensor(image_shapes, dtype=torch.float32, device=device)[image]
+    boxes = self.box_coder.decode(box_regression, proposals)  # [R, K, 4]
+    boxes = _clip_per_image(boxes, sizes[:, 0].view(-1, 1, 1), sizes[:, 1].view(-1, 1, 1))
+    scores = torch.softmax(class_logits, -1)
+    labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
+    image = image.view(-1, 1).expand_as(scores)
+    # without the background class, one candidate per (proposal, class), proposal-major as torchvision
+    boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
+    labels, image = labels[:, 1:].reshape(-1), image[:, 1:].reshape(-1)
+    inds = torch.where(scores > self.score_thresh)[0]
+    boxes, scores, labels, image = boxes[inds], scores[inds], labels[inds], image[inds]
+    keep = remove_small_boxes(boxes, min_size=1e-2)
+    boxes, scores, labels, image = boxes[keep], scores[keep], labels[keep], image[keep]
+    kept = nms_per_image_and_class(boxes, scores, labels, image, num_images, num_classes, self.nms_thresh,
+                                   self.detections_per_img)
+    return [boxes[k] for k in kept], [scores[k] for k in kept], [labels[k] for k in kept]
+
+
+def use_batched_postprocess(model: torch.nn.Module) -> bool:
+    """Give a torchvision RetinaNet or R-CNN (this instance only) the batched post-processing; False
+    for other models, which keep their own."""
+    if isinstance(model, RetinaNet):
+        model.postprocess_detections = types.MethodType(batched_postprocess_detections, model)
+        return True
+    roi_heads = getattr(model, "roi_heads", None)
+    if isinstance(roi_heads, RoIHeads):
+        roi_heads.postprocess_detections = types.MethodType(batched_roi_postprocess_detections, roi_heads)
+        return True
+    return False
