@@ -289,3 +289,26 @@ def test_batched_roi_postprocess_equals_torchvisions() -> None:
         for r, o in zip(r_list, o_list):
             torch.testing.assert_close(o, r, rtol=0, atol=0, msg=field)
     assert [len(s) for s in ref[1]] == [40, 0, 40], "the cap and the empty image are exercised"
+
+
+def test_batched_proposal_filter_equals_torchvisions() -> None:
+    """The RPN's batched proposal filter: torchvision's proposals and scores image by image."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from vision.engine.postprocess import batched_filter_proposals
+
+    rpn = _detector("faster_rcnn").rpn.eval()
+    rpn._post_nms_top_n = dict(rpn._post_nms_top_n, testing=120)
+    g = torch.Generator().manual_seed(7)
+    levels, shapes = [1200, 300, 80], [(150, 200), (200, 150), (160, 170)]
+    n = len(shapes)
+    xy = torch.rand(n, sum(levels), 2, generator=g) * 210 - 10
+    proposals = torch.cat([xy, xy + torch.rand(n, sum(levels), 2, generator=g) * 60], dim=2)
+    proposals[0, :50, 2:] = proposals[0, :50, :2] + 1e-4  # tiny boxes, removed
+    objectness = torch.randn(n * sum(levels), 1, generator=g)
+    ref = RegionProposalNetwork.filter_proposals(rpn, proposals, objectness, shapes, levels)
+    got = batched_filter_proposals(rpn, proposals, objectness, shapes, levels)
+    for r_list, o_list in zip(ref, got):
+        for r, o in zip(r_list, o_list):
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
+    assert [len(b) for b in ref[0]] == [120] * n, "the post-NMS cap is exercised"

@@ -1,7 +1,7 @@
-"""Detection post-processing for a whole batch at once (RetinaNet, and the R-CNN box head).
+"""Detection post-processing for a whole batch at once (RetinaNet; the R-CNN proposals and box head).
 
-torchvision's ``RetinaNet.postprocess_detections`` and ``RoIHeads.postprocess_detections`` loop over
-images (RetinaNet also over FPN levels): threshold, top-k, decode, clip, then class-wise NMS, which on a
+torchvision's ``RetinaNet.postprocess_detections``, ``RegionProposalNetwork.filter_proposals`` and
+``RoIHeads.postprocess_detections`` loop over images (RetinaNet also over FPN levels): threshold, top-k, decode, clip, then class-wise NMS, which on a
 CPU above 1000 boxes is one ``nms`` call per class present.  With a batch of 8 images and 80 classes
 that is hundreds of small calls, each a kernel launch on a GPU.  Here each step runs once for the whole
 batch, and one ``nms`` call covers every (image, class) group, kept apart by the offset trick
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import nms, remove_small_boxes
 
 
@@ -120,14 +121,42 @@ def batched_roi_postprocess_detections(
     return [boxes[k] for k in kept], [scores[k] for k in kept], [labels[k] for k in kept]
 
 
+def batched_filter_proposals(
+    self: RegionProposalNetwork, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
+    num_anchors_per_level: list[int],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Drop-in for ``RegionProposalNetwork.filter_proposals``: the per-level top-n is torchvision's own
+    (already batched); clipping, filtering and the per-level NMS then run once for the whole batch."""
+    num_images, device = proposals.shape[0], proposals.device
+    objectness = objectness.detach().reshape(num_images, -1)
+    levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device)
+                        for i, n in enumerate(num_anchors_per_level)]).reshape(1, -1).expand_as(objectness)
+    top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+    batch_idx = torch.arange(num_images, device=device)[:, None]
+    scores = torch.sigmoid(objectness[batch_idx, top_n_idx])
+    levels, proposals = levels[batch_idx, top_n_idx], proposals[batch_idx, top_n_idx]
+    sizes = torch.tensor(image_shapes, dtype=torch.float32, device=device)
+    boxes = _clip_per_image(proposals, sizes[:, 0].view(-1, 1, 1), sizes[:, 1].view(-1, 1, 1)).reshape(-1, 4)
+    image = batch_idx.expand_as(scores).reshape(-1)
+    scores, levels = scores.reshape(-1), levels.reshape(-1)
+    keep = remove_small_boxes(boxes, self.min_size)
+    boxes, scores, levels, image = boxes[keep], scores[keep], levels[keep], image[keep]
+    keep = torch.where(scores >= self.score_thresh)[0]
+    boxes, scores, levels, image = boxes[keep], scores[keep], levels[keep], image[keep]
+    kept = nms_per_image_and_class(boxes, scores, levels, image, num_images, len(num_anchors_per_level),
+                                   self.nms_thresh, self.post_nms_top_n())
+    return [boxes[k] for k in kept], [scores[k] for k in kept]
+
+
 def use_batched_postprocess(model: torch.nn.Module) -> bool:
     """Give a torchvision RetinaNet or R-CNN (this instance only) the batched post-processing; False
     for other models, which keep their own."""
     if isinstance(model, RetinaNet):
         model.postprocess_detections = types.MethodType(batched_postprocess_detections, model)
         return True
-    roi_heads = getattr(model, "roi_heads", None)
-    if isinstance(roi_heads, RoIHeads):
+    roi_heads, rpn = getattr(model, "roi_heads", None), getattr(model, "rpn", None)
+    if isinstance(roi_heads, RoIHeads) and isinstance(rpn, RegionProposalNetwork):
         roi_heads.postprocess_detections = types.MethodType(batched_roi_postprocess_detections, roi_heads)
+        rpn.filter_proposals = types.MethodType(batched_filter_proposals, rpn)
         return True
     return False
