@@ -10,8 +10,9 @@ What it changes, and why each step is safe:
   fills the cores, and a padded batch only adds memory traffic (and padding when the sizes differ), so
   images run one at a time there; on a GPU batches fill the device, and grouping by aspect ratio keeps
   the padding torchvision's transform adds small.
-- RetinaNet's post-processing runs once for the whole batch (``postprocess.py``) instead of per
-  image and per level: the same detections with a fraction of the small kernel calls.
+- Post-processing (RetinaNet's, and the R-CNN proposal filter and box head) runs once for the whole
+  batch (``postprocess.py``) instead of per image: the same detections with a fraction of the small
+  kernel calls.
 - Optional reduced precision (bfloat16 on CPUs with native support, float16 or bfloat16 on CUDA) and
   optional ``torch.compile``.  These trade exactness or start-up time for speed and are off by default;
   the float32 path stays within 1e-3 of the unoptimised model.
@@ -48,7 +49,7 @@ class EngineOptions:
     precision: str = "fp32"
     compile: bool = False
     micro_batch: int = 0  # images per forward pass; 0: 1 on CPU, 8 on CUDA
-    batched_postprocess: bool = True  # RetinaNet: one pass over the batch instead of a loop per image
+    batched_postprocess: bool = True  # RetinaNet / R-CNN: one pass over the batch, not a loop per image
 
     @classmethod
     def plain(cls) -> EngineOptions:

@@ -1,8 +1,9 @@
 """Detection post-processing for a whole batch at once (RetinaNet; the R-CNN proposals and box head).
 
 torchvision's ``RetinaNet.postprocess_detections``, ``RegionProposalNetwork.filter_proposals`` and
-``RoIHeads.postprocess_detections`` loop over images (RetinaNet also over FPN levels): threshold, top-k, decode, clip, then class-wise NMS, which on a
-CPU above 1000 boxes is one ``nms`` call per class present.  With a batch of 8 images and 80 classes
+``RoIHeads.postprocess_detections`` loop over images (RetinaNet also over FPN levels): threshold,
+top-k, decode, clip, then class-wise NMS, which on a CPU above 1000 boxes is one ``nms`` call per class
+present.  With a batch of 8 images and 80 classes
 that is hundreds of small calls, each a kernel launch on a GPU.  Here each step runs once for the whole
 batch, and one ``nms`` call covers every (image, class) group, kept apart by the offset trick
 torchvision itself uses for small inputs.  The offsets are added in float64, where they are exact, so
