@@ -1,11 +1,14 @@
 """Does ensembling pay on real data?  Three BCCD detectors, alone and fused, scored on BCCD test.
 
 Usage:
-    python benchmarks/ensemble_bccd.py [--data ../shared/data/bccd] [--minutes 20] [--seeds 0 1 2]
-        [--backbones resnet18 resnet18 resnet18] [--weights A.pt B.pt C.pt] [--out runs/ensemble_bccd]
+    python benchmarks/ensemble_bccd.py [--data ../shared/data/bccd] [--minutes 20 | --iters 900]
+        [--seeds 0 1 2] [--backbones resnet18 resnet18 resnet18] [--weights A.pt B.pt C.pt]
+        [--out runs/ensemble_bccd]
 
 Without ``--weights`` each detector is trained with ``configs/bccd_faster_rcnn.yaml`` for ``--minutes``
-(its own seed, and its own backbone where ``--backbones`` is given) by ``vision.engine.trainer.train``.
+of wall clock, or for ``--iters`` iterations (members of equal strength whatever else the machine is
+doing; 900 is about 20 minutes on two quiet cores), each with its own seed, and its own backbone where
+``--backbones`` is given, by ``vision.engine.trainer.train``.
 Every model predicts each test image once; the ensemble fuses those same predictions with each
 method of ``vision.ensemble`` (the path ``vision predict --weights A B C --fusion M`` takes), so the
 comparison is of fusion alone.  Prints mAP and mAP50 per model and per fusion method; the last line
@@ -27,13 +30,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 METHODS = ("nms", "soft_nms", "wbf", "sum")
 
 
-def train_model(data: str, minutes: float, seed: int, backbone: str | None, out: Path) -> Path:
+def train_model(data: str, minutes: float, iters: int | None, seed: int, backbone: str | None, out: Path) -> Path:
     """One detector from the BCCD recipe; returns its final checkpoint."""
     from vision.config import load_config
     from vision.engine.trainer import train
 
-    overrides = [f"data.root={data}", f"train.time_budget_min={minutes}", f"train.seed={seed}", "train.log_every=5",
-                 f"name=bccd_ens_seed{seed}"]
+    budget = [f"train.max_iters={iters}", "train.time_budget_min=null"] if iters else [f"train.time_budget_min={minutes}"]
+    overrides = [f"data.root={data}", *budget, f"train.seed={seed}", "train.log_every=5", f"name=bccd_ens_seed{seed}"]
     if backbone:
         overrides.append(f"model.backbone={backbone}")
     cfg = load_config(ROOT / "configs" / "bccd_faster_rcnn.yaml", overrides)
@@ -83,7 +86,8 @@ def score(gt: dict, records, preds: list[dict], categories) -> tuple[float, floa
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bccd"))
-    ap.add_argument("--minutes", type=float, default=20.0, help="training budget per model")
+    ap.add_argument("--minutes", type=float, default=20.0, help="training budget per model (wall clock)")
+    ap.add_argument("--iters", type=int, help="training budget per model in iterations (instead of --minutes)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--backbones", nargs="+", help="one timm backbone per model (default: the recipe's)")
     ap.add_argument("--weights", nargs="+", help="use these checkpoints instead of training")
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         backbones = args.backbones or [None] * len(args.seeds)
         if len(backbones) != len(args.seeds):
             ap.error("give one --backbones entry per seed")
-        weights = [train_model(args.data, args.minutes, s, b, Path(args.out)) for s, b in zip(args.seeds, backbones)]
+        weights = [train_model(args.data, args.minutes, args.iters, s, b, Path(args.out)) for s, b in zip(args.seeds, backbones)]
 
     test = test_set(args.data, weights[0])
     gt = to_coco_dict(test)
