@@ -9,9 +9,16 @@ network has them, frozen as torchvision's pretrained detectors keep them) agains
 with the very same state_dict and run by the inference engine (``Predictor``: folded batch norms,
 channels_last, one image per pass on a CPU), both at 800 px on the short side, under
 ``torch.inference_mode``.  Batch 1 is eight calls of one image; batch 8 one call of eight images.  Each
-line gives images/s of both, peak resident memory above the starting point, the largest score
+line gives images/s of both, peak memory in use above the starting point, the largest score
 difference over the matched top detections, and the ratio, vision / torchvision.  ``--bf16`` adds the
 engine in bfloat16 (CPUs with native bfloat16 only).
+
+Order matters because one setting is process-wide: vision keeps freed host memory for reuse (glibc
+``mallopt``, ``vision/engine/host_memory.py``), and nothing undoes that.  So every torchvision
+measurement runs first, in the process's default state, as a torchvision user's script runs, and
+vision's after it.  Memory is therefore counted as bytes malloc has handed out (``mallinfo2``), not
+resident pages, which a retained heap keeps high.  ``--retain-for-reference`` gives torchvision the
+same allocator setting, to separate the two effects.
 
 Training: the BCCD recipe's model (``configs/bccd_faster_rcnn.yaml``, hflip only for both) trained for
 ``--train-steps`` steps by vision's trainer and by a loop written as torchvision's
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import math
 import os
 import sys
@@ -46,10 +54,11 @@ MIN_SIZE, MAX_SIZE = 800, 1333
 
 
 class PeakMemory:
-    """Peak resident memory (MiB) above the level at entry, sampled every 5 ms from /proc."""
+    """Peak memory in use (MiB) above the level at entry, sampled every 5 ms: malloc's bytes in use
+    where glibc tells them, else resident memory from /proc."""
 
     def __enter__(self) -> PeakMemory:
-        self.base = self.peak = _rss_mib()
+        self.base = self.peak = _in_use_mib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -57,19 +66,39 @@ class PeakMemory:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_mib())
+            self.peak = max(self.peak, _in_use_mib())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mib())
+        self.peak = max(self.peak, _in_use_mib())
 
     @property
     def above_base(self) -> float:
         return self.peak - self.base
 
 
-def _rss_mib() -> float:
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def _in_use_mib() -> float:
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return (info.uordblks + info.hblkhd) / 2**20  # heap chunks in use + mmap-served blocks
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -126,14 +155,14 @@ def torchvision_model(arch: str) -> torch.nn.Module:
     return model.eval()
 
 
-def vision_model(arch: str, reference: torch.nn.Module) -> torch.nn.Module:
+def vision_model(arch: str, state_dict: dict) -> torch.nn.Module:
     from vision.config import ModelConfig
     from vision.models import build_model
     from vision.models.weights import load_model_weights
 
     ours = build_model(ModelConfig(arch=arch, backbone="resnet50", num_classes=90, frozen_bn=True,
                                    min_size=[MIN_SIZE], max_size=MAX_SIZE))
-    load_model_weights(ours, reference.state_dict(), strict=True)
+    load_model_weights(ours, state_dict, strict=True)
     return ours.eval()
 
 
@@ -152,17 +181,17 @@ def score_gap(ours: list[dict], ref: list[dict], top: int = 20) -> tuple[float, 
 
 
 def time_calls(fn, batches: list[list[torch.Tensor]], rounds: int) -> tuple[float, float, list]:
-    """Best images/s over ``rounds`` (after one warm-up pass), peak memory, and the last outputs."""
-    outputs = [o for b in batches for o in fn(b)]
-    best, peak = 0.0, 0.0
+    """Best images/s over ``rounds`` (after one warm-up pass), peak memory (warm-up included), and the
+    last outputs."""
+    best = 0.0
     n = sum(len(b) for b in batches)
-    for _ in range(rounds):
-        with PeakMemory() as mem:
+    with PeakMemory() as mem:
+        outputs = [o for b in batches for o in fn(b)]
+        for _ in range(rounds):
             t = time.perf_counter()
             outputs = [o for b in batches for o in fn(b)]
             best = max(best, n / (time.perf_counter() - t))
-        peak = max(peak, mem.above_base)
-    return best, peak, outputs
+    return best, mem.above_base, outputs
 
 
 def flops_per_image(model: torch.nn.Module, image: torch.Tensor) -> float:
@@ -187,27 +216,38 @@ def conv_peak_gflops() -> float:
     return 100 * 136 * 256 * 256 * 9 * 2 / best / 1e9
 
 
-def bench_inference(arch: str, images: list[torch.Tensor], rounds: int, bf16: bool, peak: float) -> dict[str, float]:
-    """Prints one line per batch size and precision; returns the float32 ratios by batch size."""
-    from vision.engine.inference import EngineOptions, cpu_has_native_bf16
-    from vision.engine.predictor import Predictor
+def batches_of(images: list[torch.Tensor]) -> dict[int, list[list[torch.Tensor]]]:
+    return {bs: [images[i : i + bs] for i in range(0, len(images), bs)] for bs in (1, min(8, len(images)))}
 
+
+def bench_reference(arch: str, images: list[torch.Tensor], rounds: int) -> dict:
+    """torchvision's model at each batch size: images/s, memory, outputs; also its FLOPs per image."""
     reference = torchvision_model(arch)
-    cats = Categories(tuple(range(1, 91)), tuple(str(i) for i in range(1, 91)))
-    engines = {"fp32": Predictor(vision_model(arch, reference), cats, device="cpu", engine=EngineOptions())}
-    if bf16 and cpu_has_native_bf16():
-        engines["bf16"] = Predictor(vision_model(arch, reference), cats, device="cpu",
-                                    engine=EngineOptions(precision="bf16"))
-    gflop = flops_per_image(reference, images[0]) / 1e9
 
     @torch.inference_mode()
     def run_reference(batch: list[torch.Tensor]) -> list[dict]:
         return reference([img.float() / 255 for img in batch])
 
+    runs = {bs: time_calls(run_reference, batches, rounds) for bs, batches in batches_of(images).items()}
+    return {"state_dict": reference.state_dict(), "gflop": flops_per_image(reference, images[0]) / 1e9, "runs": runs}
+
+
+def bench_inference(arch: str, images: list[torch.Tensor], rounds: int, bf16: bool, peak: float,
+                    ref: dict) -> dict[str, float]:
+    """vision's engine against the torchvision figures in ``ref``: one line per batch size and precision;
+    returns the float32 ratios by batch size."""
+    from vision.engine.inference import EngineOptions, cpu_has_native_bf16
+    from vision.engine.predictor import Predictor
+
+    cats = Categories(tuple(range(1, 91)), tuple(str(i) for i in range(1, 91)))
+    engines = {"fp32": Predictor(vision_model(arch, ref["state_dict"]), cats, device="cpu", engine=EngineOptions())}
+    if bf16 and cpu_has_native_bf16():
+        engines["bf16"] = Predictor(vision_model(arch, ref["state_dict"]), cats, device="cpu",
+                                    engine=EngineOptions(precision="bf16"))
+    gflop = ref["gflop"]
     ratios = {}
-    for bs in (1, min(8, len(images))):
-        batches = [images[i : i + bs] for i in range(0, len(images), bs)]
-        ref_ips, ref_mem, ref_out = time_calls(run_reference, batches, rounds)
+    for bs, batches in batches_of(images).items():
+        ref_ips, ref_mem, ref_out = ref["runs"][bs]
         for name, predictor in engines.items():
             ips, mem, out = time_calls(predictor.predict, batches, rounds)
             gap, found, wanted = score_gap(out, [_drop_background(o) for o in ref_out])
@@ -302,20 +342,21 @@ def vision_training(cfg, steps: int, skip: int, out: Path) -> float:
     return (steps - skip) * cfg.data.batch_size / (marks["end"] - marks["start"])
 
 
-def bench_training(data: str, steps: int, out: Path) -> float:
+def training_config(data: str, steps: int, out: Path):
+    """The BCCD recipe for ``steps`` steps, hflip only, evaluated on one test image."""
     from vision.config import load_config
 
-    skip = min(5, steps // 3)
     test_ids = out / "one_test_image.txt"
     out.mkdir(parents=True, exist_ok=True)
     test_ids.write_text((Path(data) / "ImageSets" / "Main" / "test.txt").read_text().split()[0] + "\n")
-    cfg = load_config(ROOT / "configs" / "bccd_faster_rcnn.yaml", [
+    return load_config(ROOT / "configs" / "bccd_faster_rcnn.yaml", [
         f"data.root={data}", f"train.max_iters={steps}", "train.time_budget_min=null", "train.epochs=1000",
         "data.augment.vflip=0", "data.augment.rotate90=0", "data.augment.color_jitter=0",
         "train.ckpt_every_iters=0", "train.log_every=1000", f"data.val.ids={test_ids}", f"output_dir={out}",
     ])
-    ours = vision_training(copy.deepcopy(cfg), steps, skip, out / "vision")
-    ref = reference_training(copy.deepcopy(cfg), steps, skip)
+
+
+def report_training(cfg, steps: int, skip: int, ref: float, ours: float) -> float:
     print(f"training bccd_faster_rcnn ({steps - skip} timed steps, batch {cfg.data.batch_size}): reference loop "
           f"{ref:.2f} img/s | vision {ours:.2f} img/s | ratio {ours / ref:.2f}", flush=True)
     return ours / ref
@@ -331,17 +372,29 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--bf16", action="store_true", help="also the engine in bfloat16")
     parser.add_argument("--out", default="runs/bench_speed")
+    parser.add_argument("--retain-for-reference", action="store_true",
+                        help="torchvision too keeps freed host memory (vision's allocator setting for both)")
     args = parser.parse_args()
+    if args.retain_for_reference:
+        from vision.engine.host_memory import retain_freed_memory
+
+        print(f"allocator setting for both: {retain_freed_memory()}", flush=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)
     ratios: dict[str, float] = {}
+    steps, skip = args.train_steps, min(5, args.train_steps // 3)
+    train_cfg = training_config(args.data, steps, Path(args.out)) if "training" in args.part else None
+    # every torchvision measurement before any of vision's: vision's allocator setting is for good
+    ref_training = reference_training(copy.deepcopy(train_cfg), steps, skip) if train_cfg else None
     if "inference" in args.part:
         images = load_images(str(Path(args.data) / "JPEGImages"), args.num_images)
         peak = conv_peak_gflops()
+        refs = {arch: bench_reference(arch, images, args.rounds) for arch in args.arch}
         for arch in args.arch:
-            ratios.update(bench_inference(arch, images, args.rounds, args.bf16, peak))
-    if "training" in args.part:
-        ratios["training"] = bench_training(args.data, args.train_steps, Path(args.out))
+            ratios.update(bench_inference(arch, images, args.rounds, args.bf16, peak, refs[arch]))
+    if train_cfg is not None:
+        ours = vision_training(copy.deepcopy(train_cfg), steps, skip, Path(args.out) / "vision")
+        ratios["training"] = report_training(train_cfg, steps, skip, ref_training, ours)
     print("ratio vision / torchvision: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
 
 

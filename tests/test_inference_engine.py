@@ -312,3 +312,47 @@ def test_batched_proposal_filter_equals_torchvisions() -> None:
         for r, o in zip(r_list, o_list):
             torch.testing.assert_close(o, r, rtol=0, atol=0)
     assert [len(b) for b in ref[0]] == [120] * n, "the post-NMS cap is exercised"
+
+
+def test_paste_masks_equals_torchvisions() -> None:
+    """Same pasted probabilities as torchvision's ``paste_masks_in_image``, for detections as the box
+    head gives them (clipped to the image; the paste's padding then reaches across the border),
+    degenerate and fractional ones included."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+    from torchvision.ops import clip_boxes_to_image
+
+    from vision.engine.postprocess import paste_masks
+
+    g = torch.Generator().manual_seed(11)
+    h, w = 90, 120
+    xy = torch.rand(40, 2, generator=g) * 140 - 10
+    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 50], dim=1)
+    boxes[0] = torch.tensor([-30.0, -20.0, 150.0, 100.0])  # the whole image
+    boxes[1] = torch.tensor([40.0, 30.0, 40.0, 30.0])  # zero area
+    boxes[2] = torch.tensor([-5.5, 80.25, 20.75, 89.9])  # along two borders
+    boxes = clip_boxes_to_image(boxes, (h, w))
+    masks = torch.rand(40, 1, 28, 28, generator=g)
+    ref = paste_masks_in_image(masks, boxes, (h, w))
+    got = paste_masks(masks, boxes, (h, w))
+    assert got.shape == ref.shape == (40, 1, h, w)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert paste_masks(masks[:0], boxes[:0], (h, w)).shape == (0, 1, h, w)
+    # torchvision fails on a box wholly outside the image (never given by the box head); here it is empty
+    outside = paste_masks(masks[:1], torch.tensor([[130.0, 95.0, 160.0, 120.0]]), (h, w))
+    assert outside.shape == (1, 1, h, w) and not outside.any()
+
+
+def test_engine_pastes_mask_rcnn_masks_as_torchvision() -> None:
+    """The engine's Mask R-CNN pastes with ``paste_masks`` and gives the plain model's masks."""
+    from vision.engine.inference import optimize_for_inference
+    from vision.engine.postprocess import postprocess_with_paste_masks
+
+    model = _detector("mask_rcnn")
+    fast = optimize_for_inference(model, EngineOptions(fold_bn=False, channels_last=False))
+    assert fast.transform.postprocess.__func__ is postprocess_with_paste_masks
+    images = [img.float() / 255 for img in _images()]
+    with torch.inference_mode():
+        ref, got = model(images), fast(images)
+    assert sum(len(r["masks"]) for r in ref) > 0
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o["masks"], r["masks"], rtol=0, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Detection post-processing for a whole batch at once (RetinaNet; the R-CNN proposals and box head).
+"""Detection post-processing for a whole batch at once (RetinaNet; the R-CNN proposals and box head),
+and Mask R-CNN's mask pasting without a full-image temporary per detection.
 
 torchvision's ``RetinaNet.postprocess_detections``, ``RegionProposalNetwork.filter_proposals`` and
 ``RoIHeads.postprocess_detections`` loop over images (RetinaNet also over FPN levels): threshold,
@@ -10,6 +11,12 @@ torchvision itself uses for small inputs.  The offsets are added in float64, whe
 a box's IoU with its group is what it would be alone.
 
 The detections are torchvision's: the same boxes, scores and labels per image, in descending score.
+
+Mask pasting: torchvision's ``paste_masks_in_image`` allocates a zeroed full-image map per detection and
+then stacks them, so an image holds two full copies of ``[N, H, W]``.  With 400 nuclei on a 1388x1040
+image that is 4.6 GB of memory traffic, over 80% of the prediction's time.  ``paste_masks`` fills one
+zeroed output in place, each detection only inside its box, with torchvision's own interpolation: the
+same values, one copy.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import types
 
 import torch
 from torch import Tensor
-from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.roi_heads import RoIHeads
+from torch.nn import functional as F
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.roi_heads import RoIHeads, expand_boxes, expand_masks
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes, resize_keypoints
 from torchvision.ops import nms, remove_small_boxes
 
 
@@ -149,6 +158,39 @@ def batched_filter_proposals(
     return [boxes[k] for k in kept], [scores[k] for k in kept]
 
 
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
+    """Drop-in for torchvision's ``paste_masks_in_image``: ``[N, 1, M, M]`` box-relative mask
+    probabilities -> ``[N, 1, H, W]`` on the image, equal to torchvision's, written in place."""
+    masks, scale = expand_masks(masks, padding=padding)
+    boxes = expand_boxes(boxes, scale).to(dtype=torch.int64)
+    im_h, im_w = image_size
+    out = masks.new_zeros((len(masks), 1, im_h, im_w))
+    for i, (bx0, by0, bx1, by1) in enumerate(boxes.tolist()):  # one host sync for all boxes
+        x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, im_w), max(by0, 0), min(by1 + 1, im_h)
+        if x1 <= x0 or y1 <= y0:
+            continue  # outside the image: stays zero, as torchvision's empty slice
+        size = (max(by1 - by0 + 1, 1), max(bx1 - bx0 + 1, 1))
+        resized = F.interpolate(masks[i : i + 1], size=size, mode="bilinear", align_corners=False)[0, 0]
+        out[i, 0, y0:y1, x0:x1] = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+    return out
+
+
+def postprocess_with_paste_masks(
+    self: GeneralizedRCNNTransform, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+    original_image_sizes: list[tuple[int, int]],
+) -> list[dict[str, Tensor]]:
+    """Drop-in for ``GeneralizedRCNNTransform.postprocess`` that pastes masks with ``paste_masks``."""
+    if self.training:
+        return result
+    for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+        pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+        if "masks" in pred:
+            pred["masks"] = paste_masks(pred["masks"], pred["boxes"], o_im_s)
+        if "keypoints" in pred:
+            pred["keypoints"] = resize_keypoints(pred["keypoints"], im_s, o_im_s)
+    return result
+
+
 def use_batched_postprocess(model: torch.nn.Module) -> bool:
     """Give a torchvision RetinaNet or R-CNN (this instance only) the batched post-processing; False
     for other models, which keep their own."""
@@ -159,5 +201,7 @@ def use_batched_postprocess(model: torch.nn.Module) -> bool:
     if isinstance(roi_heads, RoIHeads) and isinstance(rpn, RegionProposalNetwork):
         roi_heads.postprocess_detections = types.MethodType(batched_roi_postprocess_detections, roi_heads)
         rpn.filter_proposals = types.MethodType(batched_filter_proposals, rpn)
+        if isinstance(model, MaskRCNN) and isinstance(model.transform, GeneralizedRCNNTransform):
+            model.transform.postprocess = types.MethodType(postprocess_with_paste_masks, model.transform)
         return True
     return False

@@ -49,6 +49,7 @@ from vision.engine.device import (
     to_device,
     use_pinned_memory,
 )
+from vision.engine.host_memory import retain_freed_memory
 from vision.engine.inference import EngineOptions, optimize_for_inference, precision_context
 from vision.engine.logging import MetricLogger, console, progress
 from vision.engine.optim import build_optimizer, build_scheduler, schedule_of
@@ -72,6 +73,7 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, du.DistInfo]:
     rank 0's weights); the trainer then reseeds each rank differently, and samples carry their own seeds.
     """
     device = select_device(cfg.train.device)
+    retain_freed_memory()  # before the first batch: activations are then reused, not faulted in again
     info = du.init_distributed(device)
     set_deterministic(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
