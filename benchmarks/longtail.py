@@ -7,7 +7,8 @@ Usage:
 Trains a small Faster R-CNN with ``data.sampler`` uniform, class_balanced (fully balanced, and softened to
 square-root sampling with ``data.class_power=0.5``) and repeat_factor, each with
 and without AutoAugment v0, on (1) a synthetic shapes set whose class frequencies span ``--long-tail``
-to 1 (one class per image) and (2) BCCD (RBC outnumbers the others about 11 to 1).  Prints per-class
+to 1 (one class per image; the validation split balanced, so every class's AP rests on about as many
+instances) and (2) BCCD (RBC outnumbers the others about 11 to 1).  Prints per-class
 AP and mAP for every run, then, as the last line, the rarest synthetic class's AP gain of
 class-balanced (full and square-root) over uniform sampling (without AutoAugment) and the mAP changes.
 """
@@ -65,8 +66,9 @@ def synthetic_runs(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict]
     from vision.data.synthetic import make_synthetic_dataset
 
     data = out / "synthetic_longtail"
-    info = make_synthetic_dataset(data, num_train=600, num_val=150, image_size=(256, 192), long_tail=args.long_tail,
-                                  one_class_per_image=True, seed=0)
+    # validation is balanced: with the training split's long tail the rarest class would have two val instances
+    info = make_synthetic_dataset(data, num_train=600, num_val=180, image_size=(256, 192), long_tail=args.long_tail,
+                                  balanced_val=True, one_class_per_image=True, seed=0)
     counts = info["counts"]["train"]
     rows = {}
     for aa in args.aa_modes:

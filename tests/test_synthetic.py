@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -185,6 +186,16 @@ def test_long_tail_one_class_per_image(tmp_path: Path) -> None:
     w = 10 ** (-np.arange(6) / 5)
     expected = w / w.sum() * 120
     assert np.all(np.abs(images_per_class - expected) <= 1.5), (images_per_class, expected)
+
+
+def test_balanced_val_beside_a_long_tailed_train_split(tmp_path: Path) -> None:
+    s = make_synthetic_dataset(tmp_path, num_train=60, num_val=60, image_size=(80, 64), max_objects=3,
+                               min_object_size=8, long_tail=50, one_class_per_image=True, balanced_val=True)
+    val = json.loads(Path(s["val"]).read_text())
+    images_per_class = Counter({a["image_id"]: a["category_id"] for a in val["annotations"]}.values())
+    assert sorted(images_per_class.values()) == [10] * 6, images_per_class
+    train = np.array(list(s["counts"]["train"].values()))
+    assert train[0] > 10 * train[-1], "the training split keeps its long tail"
 
 
 def test_class_count_and_contiguous_ids(tmp_path: Path) -> None:

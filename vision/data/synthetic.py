@@ -459,6 +459,7 @@ def make_synthetic_dataset(
     min_objects: int = 1,
     max_objects: int = 6,
     long_tail: float | None = None,
+    balanced_val: bool = False,
     one_class_per_image: bool = False,
     seed: int = 0,
     min_object_size: float | None = None,
@@ -476,7 +477,8 @@ def make_synthetic_dataset(
 
     ``classes`` names shapes from ``SHAPES`` or gives how many of them to use, in that order; with
     ``long_tail=R`` the first class is R times as frequent as the last, geometric in between (instances,
-    or images when ``one_class_per_image``).  Category ids are 1, 3, 5, ... unless ``contiguous_ids``,
+    or images when ``one_class_per_image``); ``balanced_val`` keeps the validation split's classes equally
+frequent, so that a rare class's AP rests on as many instances as a common one's.  Category ids are 1, 3, 5, ... unless ``contiguous_ids``,
     because real exports are rarely 1..K and readers must not assume it.  Shape diameters are drawn
     log-uniformly between ``min_object_size`` (default 16 px, less on tiny images) and
     ``max_object_size`` (default 45% of the shorter side); ``max_occlusion`` is the largest
@@ -522,7 +524,7 @@ def make_synthetic_dataset(
     params = ([cv2.IMWRITE_PNG_COMPRESSION, 1] if image_format == "png" else [cv2.IMWRITE_JPEG_QUALITY, 95])
     info = {
         "description": "vision procedural shapes",
-        "seed": seed, "image_size": [width, height], "long_tail": long_tail,
+        "seed": seed, "image_size": [width, height], "long_tail": long_tail, "balanced_val": balanced_val,
         "one_class_per_image": one_class_per_image, "max_occlusion": max_occlusion,
     }
 
@@ -533,7 +535,8 @@ def make_synthetic_dataset(
     }
     image_id, ann_id = 1, 1
     for split, n in (("train", num_train), ("val", num_val)):
-        plan = _labels_per_image(spec, split, n, weights, one_class_per_image, empty_fraction)
+        split_weights = np.ones(len(names)) if split == "val" and balanced_val else weights
+        plan = _labels_per_image(spec, split, n, split_weights, one_class_per_image, empty_fraction)
         ann_rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLITS[split], 2]))
         images, annotations = [], []
         for index, labels in enumerate(plan):
