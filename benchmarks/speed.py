@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/speed.py [--part inference training] [--arch retinanet faster_rcnn mask_rcnn]
-        [--images ../shared/data/bccd/JPEGImages] [--rounds 2] [--train-steps 30] [--bf16]
+        [--data ../shared/data/bccd] [--rounds 2] [--train-steps 30] [--bf16] [--train-amp]
+        [--retain-for-reference]
 
 Inference: torchvision's ``*_resnet50_fpn`` (random weights, batch-norm statistics set as a trained
 network has them, frozen as torchvision's pretrained detectors keep them) against vision's model loaded
@@ -23,7 +24,9 @@ same allocator setting, to separate the two effects.
 Training: the BCCD recipe's model (``configs/bccd_faster_rcnn.yaml``, hflip only for both) trained for
 ``--train-steps`` steps by vision's trainer and by a loop written as torchvision's
 ``references/detection`` (PIL decoding, ``train_one_epoch``: SGD, warmup, a ``loss.item()`` each
-step); images/s after the first steps, ratio vision / reference.
+step); images/s after the first steps, ratio vision / reference.  ``--train-amp`` adds vision with
+``train.amp=true`` (bfloat16 autocast, on CPUs that run bfloat16 natively; the reference loop's own
+``--amp`` is CUDA autocast and changes nothing on a CPU).
 
 Achieved GFLOP/s (the model's FLOPs per image times images/s, counted by torch's FlopCounterMode) is
 given against the fastest float32 convolution this machine runs (measured here, as its practical peak).
@@ -357,8 +360,8 @@ def training_config(data: str, steps: int, out: Path):
 
 
 def report_training(cfg, steps: int, skip: int, ref: float, ours: float) -> float:
-    print(f"training bccd_faster_rcnn ({steps - skip} timed steps, batch {cfg.data.batch_size}): reference loop "
-          f"{ref:.2f} img/s | vision {ours:.2f} img/s | ratio {ours / ref:.2f}", flush=True)
+    print(f"training bccd_faster_rcnn{' amp' if cfg.train.amp else ''} ({steps - skip} timed steps, batch "
+          f"{cfg.data.batch_size}): reference loop {ref:.2f} img/s | vision {ours:.2f} img/s | ratio {ours / ref:.2f}", flush=True)
     return ours / ref
 
 
@@ -372,6 +375,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--bf16", action="store_true", help="also the engine in bfloat16")
     parser.add_argument("--out", default="runs/bench_speed")
+    parser.add_argument("--train-amp", action="store_true",
+                        help="also train with train.amp=true (bfloat16 autocast where the CPU runs it natively)")
     parser.add_argument("--retain-for-reference", action="store_true",
                         help="torchvision too keeps freed host memory (vision's allocator setting for both)")
     args = parser.parse_args()
@@ -395,6 +400,11 @@ def main() -> None:
     if train_cfg is not None:
         ours = vision_training(copy.deepcopy(train_cfg), steps, skip, Path(args.out) / "vision")
         ratios["training"] = report_training(train_cfg, steps, skip, ref_training, ours)
+        if args.train_amp and not train_cfg.train.amp:  # the recipe's figure stays the one in the summary
+            amp_cfg = copy.deepcopy(train_cfg)
+            amp_cfg.train.amp = True
+            ours = vision_training(amp_cfg, steps, skip, Path(args.out) / "vision_amp")
+            ratios["training (train.amp=true)"] = report_training(amp_cfg, steps, skip, ref_training, ours)
     print("ratio vision / torchvision: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
 
 

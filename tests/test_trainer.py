@@ -247,7 +247,8 @@ def test_repeated_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path):
         assert torch.equal(ckpt["model"][k], v)
 
 
-def test_amp_bfloat16_on_cpu(tmp_path):
+def test_amp_bfloat16_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr("vision.engine.trainer.cpu_has_native_bf16", lambda: True)  # any CPU can emulate it
     cfg = make_cfg(amp=True, max_iters=2)
     tr = make_trainer(tmp_path, cfg)
     before = weights(tr.model)
@@ -258,6 +259,14 @@ def test_amp_bfloat16_on_cpu(tmp_path):
     assert all(torch.isfinite(v).all() for v in after.values())
     assert not torch.equal(before["conv.weight"], after["conv.weight"])
     assert after["conv.weight"].dtype == torch.float32  # master weights stay float32
+
+
+def test_amp_falls_back_to_float32_without_native_bfloat16(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("vision.engine.trainer.cpu_has_native_bf16", lambda: False)
+    tr = make_trainer(tmp_path, make_cfg(amp=True, max_iters=1))
+    tr.fit()
+    assert tr.model.last_dtype == torch.float32
+    assert "no native bfloat16" in capsys.readouterr().err
 
 
 def test_ema_weights_are_checkpointed_and_restored(tmp_path):
