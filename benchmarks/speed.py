@@ -2,13 +2,14 @@
 
 Usage:
     python benchmarks/speed.py [--part inference training] [--arch retinanet faster_rcnn mask_rcnn]
-        [--data ../shared/data/bccd] [--rounds 2] [--train-steps 30] [--bf16] [--train-amp]
+        [--data ../shared/data/bccd] [--rounds 2] [--train-steps 30] [--bf16] [--no-compile] [--train-amp]
         [--retain-for-reference]
 
 Inference: torchvision's ``*_resnet50_fpn`` (random weights, batch-norm statistics set as a trained
 network has them, frozen as torchvision's pretrained detectors keep them) against vision's model loaded
 with the very same state_dict and run by the inference engine (``Predictor``: folded batch norms,
-channels_last, one image per pass on a CPU), both at 800 px on the short side, under
+channels_last, one image per pass on a CPU; then also with ``--compile``: backbone and dense heads
+through inductor, the compile in the untimed warm-up pass), both at 800 px on the short side, under
 ``torch.inference_mode``.  Batch 1 is eight calls of one image; batch 8 one call of eight images.  Each
 line gives images/s of both, peak memory in use above the starting point, the largest score
 difference over the matched top detections, and the ratio, vision / torchvision.  ``--bf16`` adds the
@@ -235,8 +236,8 @@ def bench_reference(arch: str, images: list[torch.Tensor], rounds: int) -> dict:
     return {"state_dict": reference.state_dict(), "gflop": flops_per_image(reference, images[0]) / 1e9, "runs": runs}
 
 
-def bench_inference(arch: str, images: list[torch.Tensor], rounds: int, bf16: bool, peak: float,
-                    ref: dict) -> dict[str, float]:
+def bench_inference(arch: str, images: list[torch.Tensor], rounds: int, bf16: bool, compile_too: bool,
+                    peak: float, ref: dict) -> dict[str, float]:
     """vision's engine against the torchvision figures in ``ref``: one line per batch size and precision;
     returns the float32 ratios by batch size."""
     from vision.engine.inference import EngineOptions, cpu_has_native_bf16
@@ -244,6 +245,9 @@ def bench_inference(arch: str, images: list[torch.Tensor], rounds: int, bf16: bo
 
     cats = Categories(tuple(range(1, 91)), tuple(str(i) for i in range(1, 91)))
     engines = {"fp32": Predictor(vision_model(arch, ref["state_dict"]), cats, device="cpu", engine=EngineOptions())}
+    if compile_too:
+        engines["fp32 compiled"] = Predictor(vision_model(arch, ref["state_dict"]), cats, device="cpu",
+                                             engine=EngineOptions(compile=True))
     if bf16 and cpu_has_native_bf16():
         engines["bf16"] = Predictor(vision_model(arch, ref["state_dict"]), cats, device="cpu",
                                     engine=EngineOptions(precision="bf16"))
@@ -258,8 +262,8 @@ def bench_inference(arch: str, images: list[torch.Tensor], rounds: int, bf16: bo
                   f"{gflop * ref_ips:.0f} GFLOP/s) | vision {ips:.3f} img/s ({mem:.0f} MiB, {gflop * ips:.0f} "
                   f"GFLOP/s, top detections found {found}/{wanted}, max score diff {gap:.1e}) | peak {peak:.0f} GFLOP/s | ratio {ips / ref_ips:.2f}",
                   flush=True)
-            if name == "fp32":
-                ratios[f"{arch} b{bs}"] = ips / ref_ips
+            if name.startswith("fp32"):
+                ratios[f"{arch} b{bs}{name[4:]}"] = ips / ref_ips
     return ratios
 
 
@@ -374,6 +378,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=8, help="images per timed round (a multiple of 8)")
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--bf16", action="store_true", help="also the engine in bfloat16")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the engine with --compile")
     parser.add_argument("--out", default="runs/bench_speed")
     parser.add_argument("--train-amp", action="store_true",
                         help="also train with train.amp=true (bfloat16 autocast where the CPU runs it natively)")
@@ -396,7 +401,7 @@ def main() -> None:
         peak = conv_peak_gflops()
         refs = {arch: bench_reference(arch, images, args.rounds) for arch in args.arch}
         for arch in args.arch:
-            ratios.update(bench_inference(arch, images, args.rounds, args.bf16, peak, refs[arch]))
+            ratios.update(bench_inference(arch, images, args.rounds, args.bf16, not args.no_compile, peak, refs[arch]))
     if train_cfg is not None:
         ours = vision_training(copy.deepcopy(train_cfg), steps, skip, Path(args.out) / "vision")
         ratios["training"] = report_training(train_cfg, steps, skip, ref_training, ours)

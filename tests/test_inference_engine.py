@@ -122,6 +122,26 @@ def test_engine_predictions_match_the_plain_model(arch: str) -> None:
         _assert_same_detections(got, exp, top=20)
 
 
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
+def test_compiled_engine_matches_the_plain_model(arch: str) -> None:
+    """``--compile``: backbone and dense heads through inductor (weights frozen on a CPU), two image
+    sizes so that a recompile is exercised too; the same detections within 1e-3."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    model = _detector(arch, frozen_bn=True)
+    cats = Categories.from_names(["a", "b", "c"])
+    images = _images(((150, 200), (200, 150)))
+    plain = Predictor(model, cats, device="cpu", engine=EngineOptions.plain()).predict(images)
+    fast_predictor = Predictor(model, cats, device="cpu", engine=EngineOptions(compile=True))
+    heads = [fast_predictor.model.backbone, fast_predictor.model.head if arch == "retinanet" else
+             fast_predictor.model.rpn.head]
+    assert all(isinstance(m, OptimizedModule) for m in heads)
+    fast = fast_predictor.predict(images)
+    for exp, got in zip(plain, fast):
+        assert len(exp["boxes"]) >= 5, "the comparison needs real detections"
+        _assert_same_detections(got, exp, top=20)
+
+
 def _assert_same_detections(got: dict, exp: dict, top: int) -> None:
     """Every one of ``got``'s top detections is in ``exp``: same label, score within 1e-3, box within 1e-3
     of the image size.  Matched by content, since near-tied scores may come out in either order."""
