@@ -391,6 +391,8 @@ def main() -> None:
         print(f"allocator setting for both: {retain_freed_memory()}", flush=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)
+    if "training" in args.part and not (Path(args.data) / "ImageSets" / "Main" / "test.txt").is_file():
+        parser.error(f"--data {args.data}: not the BCCD folder (no ImageSets/Main/test.txt); training needs it")
     ratios: dict[str, float] = {}
     steps, skip = args.train_steps, min(5, args.train_steps // 3)
     train_cfg = training_config(args.data, steps, Path(args.out)) if "training" in args.part else None
