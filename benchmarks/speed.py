@@ -397,12 +397,13 @@ def main() -> None:
     train_cfg = training_config(args.data, steps, Path(args.out)) if "training" in args.part else None
     # every torchvision measurement before any of vision's: vision's allocator setting is for good
     ref_training = reference_training(copy.deepcopy(train_cfg), steps, skip) if train_cfg else None
+    refs: dict[str, dict] = {}
     if "inference" in args.part:
         images = load_images(str(Path(args.data) / "JPEGImages"), args.num_images)
         peak = conv_peak_gflops()
         refs = {arch: bench_reference(arch, images, args.rounds) for arch in args.arch}
-        for arch in args.arch:
-            ratios.update(bench_inference(arch, images, args.rounds, args.bf16, not args.no_compile, peak, refs[arch]))
+    # vision's training before its inference: the data loader forks its workers, and a fork after
+    # torch.compile (whose compile pool holds locks) can leave the workers waiting on a lock forever
     if train_cfg is not None:
         ours = vision_training(copy.deepcopy(train_cfg), steps, skip, Path(args.out) / "vision")
         ratios["training"] = report_training(train_cfg, steps, skip, ref_training, ours)
@@ -411,6 +412,8 @@ def main() -> None:
         ours = vision_training(other, steps, skip, Path(args.out) / "vision_other_precision")
         ratios[f"training (train.amp={str(other.train.amp).lower()})"] = report_training(other, steps, skip,
                                                                                           ref_training, ours)
+    for arch, ref in refs.items():
+        ratios.update(bench_inference(arch, images, args.rounds, args.bf16, not args.no_compile, peak, ref))
     print("ratio vision / torchvision: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
 
 
