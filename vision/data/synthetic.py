@@ -477,9 +477,10 @@ def make_synthetic_dataset(
 
     ``classes`` names shapes from ``SHAPES`` or gives how many of them to use, in that order; with
     ``long_tail=R`` the first class is R times as frequent as the last, geometric in between (instances,
-    or images when ``one_class_per_image``); ``balanced_val`` keeps the validation split's classes equally
-frequent, so that a rare class's AP rests on as many instances as a common one's.  Category ids are 1, 3, 5, ... unless ``contiguous_ids``,
-    because real exports are rarely 1..K and readers must not assume it.  Shape diameters are drawn
+    or images when ``one_class_per_image``); ``balanced_val`` keeps the validation split's classes
+    equally frequent, so that a rare class's AP rests on as many instances as a common one's.  Category
+    ids are 1, 3, 5, ... unless ``contiguous_ids``, because real exports are rarely 1..K and readers
+    must not assume it.  Shape diameters are drawn
     log-uniformly between ``min_object_size`` (default 16 px, less on tiny images) and
     ``max_object_size`` (default 45% of the shorter side); ``max_occlusion`` is the largest
     share of a shape a later one may hide.  ``polygon_fraction`` of the shapes that can be (unoccluded,
