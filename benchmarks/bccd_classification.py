@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget")
     parser.add_argument("--out", default="runs/bench_bccd_cls")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.backbone=resnet10t")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     from vision.config import load_config
     from vision.engine.cls_metrics import format_report, write_report

@@ -127,7 +127,7 @@ def main() -> None:
                         help="score these checkpoints instead of training (e.g. faster_rcnn=runs/x/last.pt)")
     parser.add_argument("--out", default="runs/bench_bccd")
     parser.add_argument("overrides", nargs="*", help="config overrides for vision's recipes")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     given = dict(w.split("=", 1) for w in args.weights)
     if set(given) - set(args.arch):

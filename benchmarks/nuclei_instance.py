@@ -150,7 +150,7 @@ def main() -> None:
                         help="only measure peak memory of one train step and one prediction on the most crowded image")
     parser.add_argument("args", nargs="*", metavar="DATA | key=value",
                         help="the nuclei folder (default /work/shared/data/nuclei) and config overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     args.overrides = [a for a in args.args if "=" in a]
     folders = [a for a in args.args if "=" not in a]
     args.data = folders[0] if folders else "/work/shared/data/nuclei"

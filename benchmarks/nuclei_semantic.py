@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, help="evaluate on the first N val images only (smoke runs)")
     parser.add_argument("args", nargs="*", metavar="DATA | key=value",
                         help="the nuclei folder (default /work/shared/data/nuclei) and config overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     args.overrides = [a for a in args.args if "=" in a]
     folders = [a for a in args.args if "=" not in a]
     args.data = folders[0] if folders else "/work/shared/data/nuclei"

@@ -200,3 +200,40 @@ def test_normalised_fpn_and_head_as_torchvision_v2() -> None:
     assert set(losses) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(ConfigError, match=r"model\.box_loss=iou"):
         build_model(ModelConfig(arch="retinanet", backbone="resnet18", num_classes=1, box_loss="iou"))
+
+
+def test_crowded_mask_rcnn_trains_under_bfloat16_autocast() -> None:
+    """Hundreds of instances under bfloat16: anchors, proposals and mask-target indices stay exact.
+
+    In bfloat16 an instance index above 256 rounds (299 -> 300), and torchvision's mask targets
+    then point past the last mask: the step fails in RoIAlign.  Anchors made in the features'
+    dtype would also move in 4 px steps near 1000 px.
+    """
+    torch.manual_seed(0)
+    size, n = 320, 300
+    cfg = ModelConfig(arch="mask_rcnn", backbone="resnet18", num_classes=1, fpn_channels=32, min_size=[size],
+                      max_size=size, anchor_sizes=[[8], [16], [32], [64], [128]],
+                      kwargs={"rpn_batch_size_per_image": 64, "box_batch_size_per_image": 512})
+    model = build_model(cfg).train()
+    masks = torch.zeros(n, size, size, dtype=torch.uint8)
+    boxes = []
+    for k in range(n):
+        y, x = divmod(k, 20)
+        y0, x0 = 2 + 16 * y, 2 + 16 * x
+        masks[k, y0:y0 + 10, x0:x0 + 10] = 1
+        boxes.append([x0, y0, x0 + 10, y0 + 10])
+    target = {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.ones(n, dtype=torch.int64),
+              "masks": masks}
+    seen: dict[str, torch.dtype] = {}
+
+    def record(key: str, tensor: torch.Tensor) -> None:
+        seen.setdefault(key, tensor.dtype)
+
+    model.rpn.anchor_generator.register_forward_hook(lambda m, a, out: record("anchors", out[0]))
+    model.roi_heads.register_forward_hook(lambda m, a, out: record("proposals", a[1][0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model([torch.rand(3, size, size)], [target])
+    assert seen == {"anchors": torch.float32, "proposals": torch.float32}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -91,7 +92,7 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
             raise ConfigError(f"model.box_loss={cfg.box_loss}: expected one of {', '.join(BOX_LOSSES)}")
         # torchvision's RetinaNet picks its regression loss from this attribute (v2 sets "giou")
         model.head.regression_head._loss_type = cfg.box_loss
-    return model
+    return keep_box_math_in_float32(model)
 
 
 def _rcnn_kwargs(cfg: ModelConfig, backbone: TimmFPNBackbone) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def build_faster_rcnn(cfg: ModelConfig) -> FasterRCNN:
     backbone = _backbone(cfg, "rcnn")
     kwargs = _rcnn_kwargs(cfg, backbone)
     kwargs.update(cfg.kwargs)
-    return FasterRCNN(backbone, _num_classes(cfg), **kwargs)
+    return keep_box_math_in_float32(FasterRCNN(backbone, _num_classes(cfg), **kwargs))
 
 
 def build_mask_rcnn(cfg: ModelConfig) -> MaskRCNN:
@@ -118,7 +119,43 @@ def build_mask_rcnn(cfg: ModelConfig) -> MaskRCNN:
     kwargs = _rcnn_kwargs(cfg, backbone)
     kwargs["mask_roi_pool"] = MultiScaleRoIAlign(backbone.featmap_names, output_size=14, sampling_ratio=2)
     kwargs.update(cfg.kwargs)
-    return MaskRCNN(backbone, _num_classes(cfg), **kwargs)
+    return keep_box_math_in_float32(MaskRCNN(backbone, _num_classes(cfg), **kwargs))
+
+
+def _float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, dict):
+        return type(value)((k, _float32(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_float32(v) for v in value)
+    return value
+
+
+def _float32_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    return _float32(output)
+
+
+def keep_box_math_in_float32(model: nn.Module) -> nn.Module:
+    """Under autocast, hand the FPN features and every head's outputs on as float32.
+
+    torchvision makes anchors in the features' dtype and decodes boxes in the deltas' dtype, and
+    builds the mask-target RoIs' image index in the proposals' dtype.  In bfloat16 (8 significant
+    bits) a coordinate near 1000 px moves in steps of 4 px and an index above 256 is rounded, which
+    puts a mask target on the wrong instance in images holding hundreds of objects.  The convolutions
+    and linear layers still run in the autocast dtype: only their results are widened.
+    """
+    heads = [getattr(model, "backbone", None), getattr(model, "head", None)]
+    rpn = getattr(model, "rpn", None)
+    roi_heads = getattr(model, "roi_heads", None)
+    if rpn is not None:
+        heads.append(rpn.head)
+    if roi_heads is not None:
+        heads += [roi_heads.box_predictor, getattr(roi_heads, "mask_predictor", None)]
+    for module in heads:
+        if module is not None:
+            module.register_forward_hook(_float32_output_hook)
+    return model
 
 
 def detection_arch(model: nn.Module) -> str | None:
