@@ -32,7 +32,7 @@ from torch import nn
 
 from vision.engine.inference import EngineOptions, optimize_for_inference
 from vision.errors import VisionError
-from vision.models.detection import detection_arch
+from vision.models.detection import detection_arch, drop_float32_hooks
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -183,6 +183,7 @@ def export_model(
     detector = detection_arch(model)
     arch = detector or cfg.model.arch
     if detector is not None:
+        drop_float32_hooks(model)
         size = int(cfg.model.min_size[0]) if cfg.model.min_size else 512
         example = _example_image(size, int(size * 4 / 3))
         max_diff, checker, compared = _export_detector(model, arch, fmt, path, example)

@@ -158,6 +158,16 @@ def keep_box_math_in_float32(model: nn.Module) -> nn.Module:
     return model
 
 
+def drop_float32_hooks(model: nn.Module) -> nn.Module:
+    """Removes ``keep_box_math_in_float32``'s hooks, for exports: TorchScript cannot type them, and
+    an exported float32 graph has nothing to widen."""
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if hook is _float32_output_hook:
+                del module._forward_hooks[key]
+    return model
+
+
 def detection_arch(model: nn.Module) -> str | None:
     """Which detector a model is, from its class (None for anything else)."""
     if isinstance(model, MaskRCNN):
