@@ -1,7 +1,8 @@
 """RetinaNet, Faster R-CNN and Mask R-CNN: torchvision's detectors on a timm backbone + FPN.
 
 Heads, anchors, box coding, losses, the resize/normalise transform and post-processing are
-torchvision's own; this module only translates a ``ModelConfig`` into their constructor arguments.
+torchvision's own; this module translates a ``ModelConfig`` into their constructor arguments, and
+keeps their box arithmetic in float32 under autocast (``keep_box_math_in_float32``).
 ``num_classes`` in the config counts object classes; torchvision counts the background too, so the
 builders pass ``num_classes + 1`` (label 0 stays background, labels 1..K are the classes).
 """
