@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/longtail.py [--steps 600] [--long-tail 100] [--bccd ../shared/data/bccd]
         [--bccd-steps 600] [--only synthetic|bccd] [--autoaugment both|off|on] [--samplers NAME ...]
+        [key=value ...]
 
 Trains a small Faster R-CNN with ``data.sampler`` uniform, class_balanced (fully balanced, and softened to
 square-root sampling with ``data.class_power=0.5``) and repeat_factor, each with
@@ -78,7 +79,7 @@ def synthetic_runs(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict]
                      f"name=lt_{sampler}_{int(aa)}"]
             if aa:
                 extra += ["data.augment.autoaugment=v0", "data.augment.autoaugment_reference_size=640"]
-            rows[name] = run_one(None, SYNTHETIC_RECIPE + extra, out / f"synthetic_{sampler}_{int(aa)}")
+            rows[name] = run_one(None, SYNTHETIC_RECIPE + extra + args.overrides, out / f"synthetic_{sampler}_{int(aa)}")
             print(json.dumps({"set": "synthetic", "run": name, **rows[name]}), flush=True)
     rarest = list(next(iter(rows.values()))["per_class"])[-1]  # classes are ordered most to least frequent
     print(f"synthetic training instances per class: {counts}")
@@ -94,7 +95,7 @@ def bccd_runs(args: argparse.Namespace, out: Path) -> dict[str, dict]:
                      "train.time_budget_min=null", "train.eval_every=0", f"name=bccd_{sampler}_{int(aa)}"]
             if aa:
                 extra += ["data.augment.autoaugment=v0"]
-            rows[name] = run_one(str(ROOT / "configs" / "bccd_faster_rcnn.yaml"), extra, out / f"bccd_{sampler}_{int(aa)}")
+            rows[name] = run_one(str(ROOT / "configs" / "bccd_faster_rcnn.yaml"), extra + args.overrides, out / f"bccd_{sampler}_{int(aa)}")
             print(json.dumps({"set": "bccd", "run": name, **rows[name]}), flush=True)
     return rows
 
@@ -110,7 +111,8 @@ def main() -> None:
                         help="runs without AutoAugment, with it, or both (the two halves can run side by side)")
     parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
     parser.add_argument("--out", default="runs/bench_longtail")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.amp=true")
+    args = parser.parse_intermixed_args()
     args.aa_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.autoaugment]
     out = Path(args.out)
 
