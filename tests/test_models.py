@@ -237,3 +237,14 @@ def test_crowded_mask_rcnn_trains_under_bfloat16_autocast() -> None:
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
+
+
+def test_float32_hooks_widen_half_precision_only() -> None:
+    """The hooks widen 16-bit results; a float64 model's features stay float64."""
+    model = build_model(ModelConfig(arch="faster_rcnn", backbone="resnet18", num_classes=1, fpn_channels=16))
+    model.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {f.dtype for f in model.backbone(x).values()} == {torch.float32}
+    with torch.no_grad():
+        assert {f.dtype for f in model.double().backbone(x.double()).values()} == {torch.float64}

@@ -123,9 +123,12 @@ def build_mask_rcnn(cfg: ModelConfig) -> MaskRCNN:
     return keep_box_math_in_float32(MaskRCNN(backbone, _num_classes(cfg), **kwargs))
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _float32(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+        return value.float() if value.dtype in _HALF_DTYPES else value  # widen only: float64 stays
     if isinstance(value, dict):
         return type(value)((k, _float32(v)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
