@@ -358,6 +358,30 @@ def test_sigkill_during_writes_never_leaves_a_broken_checkpoint(tmp_path):
         load_checkpoint_file(torn)
 
 
+def test_loader_workers_start_after_the_parent_used_opencv_threads():
+    """Building a data set with OpenCV (threaded resizes) and then training in the same process, as a
+    script that makes its data first does: the forked workers must not wait on the parent's pool."""
+    script = textwrap.dedent("""
+        import cv2, numpy as np, torch
+        from torch.utils.data import BatchSampler, SequentialSampler
+        from vision.engine.trainer import make_loader
+        big = np.random.rand(1000, 1000).astype(np.float32)
+        for _ in range(3):
+            cv2.resize(big, (1500, 1500), interpolation=cv2.INTER_CUBIC)  # starts OpenCV's thread pool
+        class Resized(torch.utils.data.Dataset):
+            def __len__(self):
+                return 4
+            def __getitem__(self, i):
+                return float(cv2.resize(big, (500, 500), interpolation=cv2.INTER_CUBIC).mean())
+        loader = make_loader(Resized(), BatchSampler(SequentialSampler(range(4)), 2, False), 2,
+                             torch.device("cpu"), 0, list)
+        print(sum(len(b) for b in loader))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "4"
+
+
 # --------------------------------------------------------------------------------------------------
 # per-sample seeding of the augmentation pipeline
 

@@ -186,14 +186,17 @@ class PositionedSampler(Sampler):
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader workers: seeded from the loader's generator, one thread each (no oversubscription:
-    the workers share the cores with the model, and OpenCV would otherwise start a pool per worker)."""
+    the workers share the cores with the model, and OpenCV would otherwise start a pool per worker).
+
+    OpenCV gets 0 threads (run in the calling thread), not 1: resizing a thread pool that the parent
+    had started before the fork waits forever for threads that do not exist in the child."""
     import cv2
 
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(0)
 
 
 def make_loader(
