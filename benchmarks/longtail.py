@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/longtail.py [--steps 600] [--long-tail 100] [--bccd ../shared/data/bccd]
-        [--bccd-steps 600] [--only synthetic|bccd] [--autoaugment both|off|on] [--samplers NAME ...]
+        [--bccd-steps 600] [--only synthetic|bccd] [--autoaugment both|off|on] [--samplers NAME,NAME]
         [key=value ...]
 
 Trains a small Faster R-CNN with ``data.sampler`` uniform, class_balanced (fully balanced, and softened to
@@ -43,6 +43,15 @@ SYNTHETIC_RECIPE = [
     "train.schedule=cosine", "train.clip_grad=10", "train.eval_every=0", "train.ckpt_every_iters=100000",
     "data.repeat_threshold=0.1",
 ]
+
+
+def sampler_list(text: str) -> list[str]:
+    """``--samplers`` takes one comma-separated word, so the config overrides after it stay overrides."""
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown sampler {unknown or text!r}: expected some of {', '.join(SAMPLERS)}")
+    return names
 
 
 def run_one(cfg_path: str | None, overrides: list[str], out: Path) -> dict:
@@ -109,7 +118,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("synthetic", "bccd"))
     parser.add_argument("--autoaugment", choices=("both", "off", "on"), default="both",
                         help="runs without AutoAugment, with it, or both (the two halves can run side by side)")
-    parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
+    parser.add_argument("--samplers", type=sampler_list, default=list(SAMPLERS),
+                        help=f"comma-separated subset of {', '.join(SAMPLERS)}")
     parser.add_argument("--out", default="runs/bench_longtail")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.amp=true")
     args = parser.parse_intermixed_args()
