@@ -1,15 +1,16 @@
 """Long-tail sampling and detection AutoAugment: the same detector, the same number of steps, several ways.
 
 Usage:
-    python benchmarks/longtail.py [--steps 600] [--long-tail 100] [--bccd ../shared/data/bccd]
-        [--bccd-steps 600] [--only synthetic|bccd] [--autoaugment both|off|on] [--samplers NAME,NAME]
-        [key=value ...]
+    python benchmarks/longtail.py [--steps 600] [--long-tail 100] [--rarest-images 20]
+        [--bccd ../shared/data/bccd] [--bccd-steps 600] [--only synthetic|bccd]
+        [--autoaugment both|off|on] [--samplers NAME,NAME] [key=value ...]
 
 Trains a small Faster R-CNN with ``data.sampler`` uniform, class_balanced (fully balanced, and softened to
 square-root sampling with ``data.class_power=0.5``) and repeat_factor, each with
 and without AutoAugment v0, on (1) a synthetic shapes set whose class frequencies span ``--long-tail``
 to 1 (one class per image; the validation split balanced, so every class's AP rests on about as many
-instances) and (2) BCCD (RBC outnumbers the others about 11 to 1).  Prints per-class
+instances; the training split as large as it takes for the rarest class to appear in ``--rarest-images``
+images) and (2) BCCD (RBC outnumbers the others about 11 to 1).  Prints per-class
 AP and mAP for every run, then, as the last line, the rarest synthetic class's AP gain of
 class-balanced (full and square-root) over uniform sampling (without AutoAugment) and the mAP changes.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -72,13 +74,26 @@ def table(title: str, rows: dict[str, dict]) -> None:
         print(f"{run:<28} {r['mAP']:6.3f}  " + " ".join(f"{r['per_class'].get(n, float('nan')):10.3f}" for n in names))
 
 
+def train_images_for(rarest_images: int, long_tail: float) -> int:
+    """Training-split size at which the rarest class appears in ``rarest_images`` images.
+
+    A sampler can only re-weight what the data holds: with a handful of images of the rarest class the
+    comparison measures few-shot memorisation, not sampling, so the set grows with the tail instead.
+    """
+    from vision.data.synthetic import DEFAULT_CLASSES, class_weights
+
+    weights = class_weights(len(DEFAULT_CLASSES), long_tail)
+    return math.ceil(rarest_images * weights.sum() / weights.min())
+
+
 def synthetic_runs(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict], str]:
     from vision.data.synthetic import make_synthetic_dataset
 
     data = out / "synthetic_longtail"
+    num_train = train_images_for(args.rarest_images, args.long_tail)
     # validation is balanced: with the training split's long tail the rarest class would have two val instances
-    info = make_synthetic_dataset(data, num_train=600, num_val=180, image_size=(256, 192), long_tail=args.long_tail,
-                                  balanced_val=True, one_class_per_image=True, seed=0)
+    info = make_synthetic_dataset(data, num_train=num_train, num_val=180, image_size=(256, 192),
+                                  long_tail=args.long_tail, balanced_val=True, one_class_per_image=True, seed=0)
     counts = info["counts"]["train"]
     rows = {}
     for aa in args.aa_modes:
@@ -91,7 +106,7 @@ def synthetic_runs(args: argparse.Namespace, out: Path) -> tuple[dict[str, dict]
             rows[name] = run_one(None, SYNTHETIC_RECIPE + extra + args.overrides, out / f"synthetic_{sampler}_{int(aa)}")
             print(json.dumps({"set": "synthetic", "run": name, **rows[name]}), flush=True)
     rarest = list(next(iter(rows.values()))["per_class"])[-1]  # classes are ordered most to least frequent
-    print(f"synthetic training instances per class: {counts}")
+    print(f"synthetic training split: {num_train} images; instances per class: {counts}")
     return rows, rarest
 
 
@@ -113,6 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--long-tail", type=float, default=100.0)
+    parser.add_argument("--rarest-images", type=int, default=20,
+                        help="training images holding the rarest synthetic class; sets the training split's size")
     parser.add_argument("--bccd", default=str(ROOT.parent / "shared" / "data" / "bccd"))
     parser.add_argument("--bccd-steps", type=int, default=600)
     parser.add_argument("--only", choices=("synthetic", "bccd"))
