@@ -116,6 +116,23 @@ def _features_to_nchw(module: nn.Module, args: tuple) -> tuple:
     return args
 
 
+def use_channels_last(model: nn.Module) -> nn.Module:
+    """Weights and backbone input in NHWC, RoI heads fed NCHW; the same function, fewer layout reorders.
+
+    Training uses it too: gradients and optimizer state then take the weights' layout, and a state_dict
+    saved from it loads into an NCHW model unchanged (``load_state_dict`` copies values, not strides).
+    """
+    model.to(memory_format=torch.channels_last)
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        # the first convolution then reads NHWC too, so no layer works in NCHW
+        backbone.register_forward_pre_hook(_to_channels_last)
+    roi_heads = getattr(model, "roi_heads", None)
+    if isinstance(roi_heads, nn.Module):
+        roi_heads.register_forward_pre_hook(_features_to_nchw)
+    return model
+
+
 def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model: bool = True) -> nn.Module:
     """An eval-mode copy of ``model`` (or the model itself) rewritten as ``options`` say.
 
@@ -129,15 +146,8 @@ def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model:
     if options.fold_bn:
         folded = fold_batch_norms(model)
         log.debug("folded %d batch norms", folded)
-    backbone = getattr(model, "backbone", None)
     if options.channels_last:
-        model.to(memory_format=torch.channels_last)
-        if isinstance(backbone, nn.Module):
-            # the first convolution then reads NHWC too, so no layer works in NCHW
-            backbone.register_forward_pre_hook(_to_channels_last)
-        roi_heads = getattr(model, "roi_heads", None)
-        if isinstance(roi_heads, nn.Module):
-            roi_heads.register_forward_pre_hook(_features_to_nchw)
+        use_channels_last(model)
     if options.batched_postprocess:
         use_batched_postprocess(model)
     if options.compile:

@@ -55,6 +55,7 @@ from vision.engine.inference import (
     cpu_has_native_bf16,
     optimize_for_inference,
     precision_context,
+    use_channels_last,
 )
 from vision.engine.logging import MetricLogger, console, progress
 from vision.engine.optim import build_optimizer, build_scheduler, schedule_of
@@ -424,6 +425,8 @@ class Trainer:
             raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
 
         self.model = model.to(self.device)
+        if tcfg.channels_last:
+            use_channels_last(self.model)
         # train.freeze: comma-separated parameter-name prefixes held fixed until epoch train.unfreeze_at
         # (parameters the model itself freezes, such as frozen stages, stay frozen)
         self.frozen_prefixes = tuple(p.strip() for p in (tcfg.freeze or "").split(",") if p.strip())
