@@ -261,6 +261,21 @@ def test_amp_bfloat16_on_cpu(tmp_path, monkeypatch):
     assert after["conv.weight"].dtype == torch.float32  # master weights stay float32
 
 
+def test_channels_last_trains_the_same_weights_and_saves_loadable_ones(tmp_path):
+    plain = make_trainer(tmp_path / "a", make_cfg(max_iters=3))
+    plain.fit()
+    nhwc = make_trainer(tmp_path / "b", make_cfg(max_iters=3, channels_last=True))
+    nhwc.fit()
+    conv = nhwc.model.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for k, v in weights(plain.model).items():
+        torch.testing.assert_close(weights(nhwc.model)[k], v, rtol=0, atol=1e-5)
+    fresh = TinyDetector()
+    fresh.load_state_dict(load_checkpoint_file(tmp_path / "b" / "run" / "last.pt")["model"])
+    assert fresh.conv.weight.is_contiguous()
+    assert torch.equal(fresh.conv.weight, conv.detach())
+
+
 def test_amp_falls_back_to_float32_without_native_bfloat16(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("vision.engine.trainer.cpu_has_native_bf16", lambda: False)
     tr = make_trainer(tmp_path, make_cfg(amp=True, max_iters=1))

@@ -16,11 +16,11 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from vision.config import ModelConfig
 from vision.errors import ConfigError
 from vision.models.backbone import TimmFPNBackbone, build_backbone, norm_layer
+from vision.models.roi_pool import ThreadedMultiScaleRoIAlign
 
 # torchvision's default anchors (retinanet.py and faster_rcnn.py `_default_anchorgen`)
 RETINANET_ANCHOR_SIZES = [[x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))] for x in [32, 64, 128, 256, 512]]
@@ -99,7 +99,7 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
 def _rcnn_kwargs(cfg: ModelConfig, backbone: TimmFPNBackbone) -> dict[str, Any]:
     kwargs: dict[str, Any] = _transform_kwargs(cfg)
     kwargs["rpn_anchor_generator"] = _anchor_generator(cfg, RCNN_ANCHOR_SIZES, len(backbone.featmap_names) + 1)
-    kwargs["box_roi_pool"] = MultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2)
+    kwargs["box_roi_pool"] = ThreadedMultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2)
     _set(kwargs, "box_score_thresh", cfg.score_thresh)
     _set(kwargs, "box_nms_thresh", cfg.nms_thresh)
     _set(kwargs, "box_detections_per_img", cfg.detections_per_img)
@@ -118,7 +118,7 @@ def build_mask_rcnn(cfg: ModelConfig) -> MaskRCNN:
     """Mask R-CNN on P2-P6, as ``maskrcnn_resnet50_fpn``."""
     backbone = _backbone(cfg, "rcnn")
     kwargs = _rcnn_kwargs(cfg, backbone)
-    kwargs["mask_roi_pool"] = MultiScaleRoIAlign(backbone.featmap_names, output_size=14, sampling_ratio=2)
+    kwargs["mask_roi_pool"] = ThreadedMultiScaleRoIAlign(backbone.featmap_names, output_size=14, sampling_ratio=2)
     kwargs.update(cfg.kwargs)
     return keep_box_math_in_float32(MaskRCNN(backbone, _num_classes(cfg), **kwargs))
 

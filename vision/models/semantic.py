@@ -77,7 +77,7 @@ class SemanticFPN(nn.Module):
     """Backbone + FPN + semantic head; losses in training, per-image class maps in eval mode.
 
     ``num_classes`` counts background (class 0) too.  ``min_size`` (one picked at random per training
-    batch, the first at inference) and ``max_size`` resize as torchvision's detectors do; an empty
+    batch, the last at inference) and ``max_size`` resize as torchvision's detectors do; an empty
     ``min_size`` leaves images at their own size.  Set ``return_probs`` for class probabilities too.
     """
 
