@@ -84,13 +84,12 @@ class _PerImageRoIAlign(torch.autograd.Function):
             result[task.rows] = pooled
         ctx.tasks, ctx.scales, ctx.output_size, ctx.sampling_ratio = tasks, scales, output_size, sampling_ratio
         ctx.shapes = [f.shape for f in features]
-        ctx.dtypes = [f.dtype for f in features]
         return result
 
     @staticmethod
     def backward(ctx, grad):
         ph, pw = ctx.output_size
-        grads = [grad.new_zeros(shape, dtype=dtype) for shape, dtype in zip(ctx.shapes, ctx.dtypes)]
+        grads = [grad.new_zeros(shape) for shape in ctx.shapes]  # every level has the RoIs' dtype
 
         def unpool(task: _Task) -> Tensor:
             _, channels, height, width = ctx.shapes[task.level]
@@ -105,13 +104,13 @@ class _PerImageRoIAlign(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
-def _threads_help(features: list[Tensor], rois: Tensor) -> bool:
+def _threads_help(features: list[Tensor], boxes: list[Tensor]) -> bool:
     first = features[0]
     return (
         first.device.type == "cpu"
         and first.shape[0] > 1
         and torch.get_num_threads() > 1
-        and all(f.dtype == rois.dtype and f.dtype in (torch.float32, torch.float64) for f in features)
+        and all(f.dtype == boxes[0].dtype and f.dtype in (torch.float32, torch.float64) for f in features)
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch.onnx.is_in_onnx_export()
@@ -132,16 +131,16 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
             self.scales, self.map_levels = _setup_scales(
                 x_filtered, image_shapes, self.canonical_scale, self.canonical_level
             )
-        if not torch.jit.is_scripting():
-            rois = _convert_to_roi_format(boxes)
-            if _threads_help(x_filtered, rois):
-                return self._threaded(x_filtered, boxes, rois)
+        if not torch.jit.is_scripting():  # noqa: SIM102 - alone, TorchScript skips the block
+            if _threads_help(x_filtered, boxes):
+                return self._threaded(x_filtered, boxes)
         return _multiscale_roi_align(
             x_filtered, boxes, self.output_size, self.sampling_ratio, self.scales, self.map_levels
         )
 
     @torch.jit.unused
-    def _threaded(self, features: list[Tensor], boxes: list[Tensor], rois: Tensor) -> Tensor:
+    def _threaded(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        rois = _convert_to_roi_format(boxes)
         if len(features) == 1:
             levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
         else:
