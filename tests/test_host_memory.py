@@ -48,13 +48,14 @@ end = libc.mallinfo2()
 print(applied, max(mapped_while_alive) - start.hblkhd, end.fordblks, end.arena - start.arena)
 """
 
-MIB = 2**20
 ACTIVATION = 16 * 768 * 768 * 4
 
 
 def _mallinfo(retain: bool) -> tuple[bool, int, int, int]:
     """(applied, most bytes mapped while two activations are alive, bytes kept free after the passes, heap growth)."""
-    env = dict(os.environ, VISION_RETAIN_FREED_MEMORY="1")
+    # glibc's own defaults: no malloc tunables inherited from the environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env["VISION_RETAIN_FREED_MEMORY"] = "1"
     out = subprocess.run([sys.executable, "-c", PROGRAM, "1" if retain else "0"], capture_output=True, text=True,
                          env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     if out.stdout.strip() == "unsupported":

@@ -3,11 +3,12 @@
 A detector's activations on a CPU are tens of megabytes each.  glibc serves blocks that large with
 fresh ``mmap`` pages and unmaps them on ``free`` (always above 32 MiB, its largest dynamic mmap
 threshold), so every forward pass faults in (and the kernel zero-fills) the same memory again, once
-per page: at 800 px a few hundred thousand page faults per image.  PyTorch has no caching allocator for host memory, and the usual cure, preloading jemalloc or
-tcmalloc, has to happen before Python starts.  ``mallopt`` can do the equivalent from inside the
-process: no ``mmap`` for large blocks and no trimming of the heap's top, so freed activations are
-reused as they are.  The cost is that the process keeps its peak memory until it exits, which is
-what a training or prediction run does anyway.
+per page: at 800 px a few hundred thousand page faults per image.  PyTorch has no caching allocator
+for host memory, and the usual cure, preloading jemalloc or tcmalloc, has to happen before Python
+starts.  ``mallopt`` can do the equivalent from inside the process: no ``mmap`` for large blocks
+and no trimming of the heap's top, so freed activations are reused as they are.  The cost is that
+the process keeps its peak memory until it exits, which is what a training or prediction run does
+anyway.
 
 Only glibc has these knobs; elsewhere this is a no-op.  ``VISION_RETAIN_FREED_MEMORY=0`` turns it off.
 """
