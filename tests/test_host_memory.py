@@ -36,7 +36,8 @@ net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
                           torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()).eval()
 mapped_while_alive = []
 net[2].register_forward_hook(lambda *_: mapped_while_alive.append(libc.mallinfo2().hblkhd))
-x = torch.rand(1, 3, 768, 768)
+side = int(sys.argv[2])
+x = torch.rand(1, 3, side, side)
 with torch.inference_mode():
     for _ in range(2):  # the first passes lay out the heap either way
         net(x)
@@ -48,7 +49,8 @@ end = libc.mallinfo2()
 print(applied, max(mapped_while_alive) - start.hblkhd, end.fordblks, end.arena - start.arena)
 """
 
-ACTIVATION = 16 * 768 * 768 * 4
+SIDE = 768
+ACTIVATION = 16 * SIDE * SIDE * 4  # bytes of one float32 activation of the program's net
 
 
 def _mallinfo(retain: bool) -> tuple[bool, int, int, int]:
@@ -56,7 +58,7 @@ def _mallinfo(retain: bool) -> tuple[bool, int, int, int]:
     # glibc's own defaults: no malloc tunables inherited from the environment
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     env["VISION_RETAIN_FREED_MEMORY"] = "1"
-    out = subprocess.run([sys.executable, "-c", PROGRAM, "1" if retain else "0"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", PROGRAM, "1" if retain else "0", str(SIDE)], capture_output=True, text=True,
                          env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     if out.stdout.strip() == "unsupported":
         pytest.skip("no mallinfo2 (glibc older than 2.33)")
