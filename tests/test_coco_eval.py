@@ -67,6 +67,7 @@ def test_eval_dets_cli_writes_the_documented_json(tmp_path, capsys):
                  "--out", str(tmp_path / "m.json")]) == 0
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
+    assert printed.count("-1.000: the ground truth has no objects in that area range") == 1  # no large boxes
     out = json.loads((tmp_path / "m.json").read_text())
     assert list(out) == ["bbox", "per_class"] and list(out["bbox"]) == list(STAT_NAMES)
     np.testing.assert_allclose(list(out["bbox"].values()), _pycocotools_stats(gt, dets).stats, atol=1e-12)
@@ -124,3 +125,15 @@ def test_reference_numbers_of_the_official_cocoapi(shared_data, tmp_path):
                  "--out", str(tmp_path / "m.json")]) == 0
     got = json.loads((tmp_path / "m.json").read_text())["bbox"]
     np.testing.assert_allclose(list(got.values()), expected["stats"], atol=expected["tolerance"])
+
+
+def test_no_detections_score_zero_where_there_are_objects_as_pycocotools_scores_useless_ones():
+    """pycocotools cannot load an empty results list; nothing found scores what a useless detection
+    does there (AP and AR 0), and an area range without objects stays -1 as COCOeval has it."""
+    gt, _ = _random_set(2)
+    useless = [{"image_id": 1, "category_id": 3, "bbox": [290, 190, 5, 5], "score": 0.01}]
+    ref = _pycocotools_stats(gt, useless)
+    ours = evaluate_coco(gt, [])
+    np.testing.assert_allclose([ours["bbox"][k] for k in STAT_NAMES], ref.stats, atol=1e-12)
+    assert ours["bbox"]["AP"] == 0.0 and ours["per_class"] == {"a": 0.0, "b": 0.0}
+    assert -1.0 in ref.stats  # the set has no large objects: that column is undefined on both sides

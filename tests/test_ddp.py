@@ -99,10 +99,11 @@ def test_torchrun_two_ranks_gloo(tmp_path: Path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(not torch.equal(w0[k], before[k]) for k in w0)
 
-    # checkpoints are written once, by rank 0: iteration 1 (mid-epoch) and the epoch end
+    # checkpoints are written once, by rank 0: iteration 1 (mid-epoch) and the epoch end, where the first
+    # evaluation also writes best.pt
     run = tmp_path / "run"
     assert not (tmp_path / "saves.rank1").exists()
-    assert (tmp_path / "saves.rank0").read_text().splitlines() == [str(run / "last.pt")] * 2
+    assert (tmp_path / "saves.rank0").read_text().splitlines() == [str(run / n) for n in ("last.pt", "last.pt", "best.pt")]
     ckpt = load_checkpoint_file(run / "last.pt")
     assert ckpt["state"]["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert (run / "best.pt").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 3

@@ -248,3 +248,27 @@ def test_float32_hooks_widen_half_precision_only() -> None:
         assert {f.dtype for f in model.backbone(x).values()} == {torch.float32}
     with torch.no_grad():
         assert {f.dtype for f in model.double().backbone(x.double()).values()} == {torch.float64}
+
+
+@pytest.mark.parametrize(
+    ("arch", "typo", "meant"),
+    [
+        ("faster_rcnn", "rpn_pre_nms_top_n_trian", "rpn_pre_nms_top_n_train"),
+        ("mask_rcnn", "box_batch_size_per_imag", "box_batch_size_per_image"),
+        ("retinanet", "topk_candidate", "topk_candidates"),
+        ("semantic_fpn", "size_divisble", "size_divisible"),
+    ],
+)
+def test_misspelt_model_kwargs_are_refused_with_a_suggestion(arch: str, typo: str, meant: str) -> None:
+    cfg = ModelConfig(arch=arch, backbone="test_resnet", num_classes=2, kwargs={typo: 7})
+    with pytest.raises(ConfigError, match=rf"unknown config key 'model.kwargs.{typo}'.*did you mean 'model.kwargs.{meant}'"):
+        build_model(cfg)
+
+
+def test_model_kwargs_reach_every_torchvision_layer_they_name() -> None:
+    """Keys of FasterRCNN's own constructor, of the parent MaskRCNN hands them to, and of the transform."""
+    kwargs = {"rpn_pre_nms_top_n_train": 321, "box_batch_size_per_image": 99, "size_divisible": 16}
+    m = build_model(ModelConfig(arch="mask_rcnn", backbone="test_resnet", num_classes=2, kwargs=kwargs))
+    assert m.rpn._pre_nms_top_n["training"] == 321
+    assert m.roi_heads.fg_bg_sampler.batch_size_per_image == 99
+    assert m.transform.size_divisible == 16

@@ -210,7 +210,11 @@ def test_best_checkpoint_follows_box_ap_and_files_are_written(tmp_path):
     summary = tr.fit()
     run = tmp_path / "run"
     best, last = load_checkpoint_file(run / "best.pt"), load_checkpoint_file(run / "last.pt")
-    assert best["state"]["iteration"] == 8 and best["metrics"]["bbox"]["AP"] == pytest.approx(0.3)
+    assert best["iteration"] == 8 and best["metrics"]["bbox"]["AP"] == pytest.approx(0.3)
+    # best.pt is for inference and fine-tuning: weights, config and categories, no optimizer state
+    assert {"model", "config", "class_names", "categories", "arch"} <= set(best)
+    assert not {"optimizer", "scheduler", "rng", "state"} & set(best)
+    assert (run / "best.pt").stat().st_size < (run / "last.pt").stat().st_size
     assert last["state"]["iteration"] == 12 and last["state"]["epoch"] == 3
     assert summary["best_ap"] == pytest.approx(0.3) and summary["best_iteration"] == 8
     assert {"model", "config", "class_names", "arch", "optimizer", "scheduler", "rng"} <= set(last)

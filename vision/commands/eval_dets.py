@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from vision.data.coco import coco_to_detection_set, load_json
-from vision.engine.coco_eval import check_results, evaluate_coco, format_per_class
+from vision.engine.coco_eval import check_results, evaluate_coco, explain_undefined, format_per_class
 from vision.errors import DataError
 
 
@@ -18,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="write the metrics as JSON here")
     parser.add_argument("--max-dets", type=int, default=None, help="detections per image for AP (COCO: 100)")
     parser.add_argument("--hierarchy", help="class hierarchy JSON: expand the ground truth to parent classes")
+    parser.add_argument(
+        "--images",
+        help="images of the results file (id, file_name), matched to the ground truth by file name "
+        "(default: the images.json that vision predict writes beside its predictions.json, if there is one)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,13 +33,16 @@ def run(args: argparse.Namespace) -> int:
         dets = dets["annotations"]
     if not isinstance(dets, list):
         raise DataError(args.dets, "expected a list of COCO results")
+    images_file = Path(args.images) if args.images else Path(args.dets).parent / "images.json"
+    if args.images or images_file.is_file():
+        gt, dets = _match_by_file_name(gt, dets, images_file, args.dets)
     if args.hierarchy:
         from vision.ensemble.hierarchy import expand_coco_ground_truth, load_hierarchy
 
         gt = expand_coco_ground_truth(gt, load_hierarchy(args.hierarchy))
     dets = check_results(gt, dets, source=args.dets)
     metrics = evaluate_coco(gt, dets, args.iou_type, max_dets=args.max_dets)
-    print(metrics["summary"], end="")
+    print(explain_undefined(metrics["summary"]), end="")
     print(format_per_class(metrics["per_class"]))
     if args.out:
         out = {args.iou_type: metrics[args.iou_type], "per_class": metrics["per_class"]}
@@ -46,3 +54,34 @@ def run(args: argparse.Namespace) -> int:
         f"  ({len(dets)} detections, {len(gt['images'])} images)" + (f"  -> {args.out}" if args.out else "")
     )
     return 0
+
+
+def _match_by_file_name(gt: dict, dets: list, images_file: Path, dets_file: str) -> tuple[dict, list]:
+    """Results renumbered to the ground truth's image ids, and the ground truth cut to the images
+    that were predicted (an image predicted with no detections still counts, as a miss)."""
+    from vision.engine.image_matching import match_images, restrict_ground_truth
+
+    listed = load_json(images_file)
+    predicted = listed.get("images") if isinstance(listed, dict) else listed
+    if not isinstance(predicted, list):
+        raise DataError(images_file, "expected an 'images' list")
+    match = match_images(gt.get("images", []), predicted, str(images_file))
+    if not match.ids:
+        raise DataError(images_file, f"no image's file name is in the ground truth {len(gt.get('images', []))} images")
+    listed_ids = {int(i["id"]) for i in predicted}
+    renumbered = []
+    for k, r in enumerate(dets):
+        image_id = r.get("image_id") if isinstance(r, dict) else None
+        if image_id not in listed_ids:
+            raise DataError(dets_file, f"entry {k}: image id {image_id} is not in {images_file}")
+        if image_id in match.ids:
+            renumbered.append({**r, "image_id": match.ids[image_id]})
+    n_gt = len(gt.get("images", []))
+    gt = restrict_ground_truth(gt, set(match.ids.values()))
+    notes = [f"matched {len(match.ids)} images by file name ({images_file})"]
+    if len(match.ids) < n_gt:
+        notes.append(f"evaluated on those {len(match.ids)} of the ground truth's {n_gt} images")
+    if match.unmatched:
+        notes.append(f"{len(match.unmatched)} predicted images not in the ground truth ignored ({match.unmatched[0]}, ...)")
+    print("; ".join(notes))
+    return gt, renumbered

@@ -118,11 +118,11 @@ def _task_parts(cfg):
 
 
 def _print_report(metrics: dict[str, Any]) -> None:
-    from vision.engine.coco_eval import format_per_class
+    from vision.engine.coco_eval import explain_undefined, format_per_class
 
     for iou_type, text in (metrics.get("summary") or {}).items():
         print(f"{iou_type}:")
-        print(text, end="")
+        print(explain_undefined(text), end="")
     for key, table in metrics.items():
         if key.startswith("per_class") and isinstance(table, dict):
             print(format_per_class(table, title="AP" if key in ("per_class", "per_class_segm") else key[10:] or "value"))

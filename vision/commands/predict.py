@@ -53,15 +53,35 @@ def engine_options(args: argparse.Namespace):
     return engine
 
 
+# Options that only detectors use, with the value that means "not given".
+DETECTION_ONLY = {
+    "tta": False, "tta_scales": [0.8, 1.0, 1.2], "fusion": "wbf", "model_weights": None, "iou": None,
+    "skip_score": 0.0, "hierarchy": None, "hierarchy_merge": "nms", "draw_thresh": 0.3,
+}
+# ... and what each other task refuses on top of those (a classifier draws nothing; masks have no CSV)
+REFUSED_BY_TASK = {"classifier": {"save_images": False}, "semantic segmentation": {"csv": False}}
+
+
+def refuse_inapplicable(args: argparse.Namespace, task: str) -> None:
+    """A flag the checkpoint's task would ignore is an error, not a silent no-op."""
+    refused = {**DETECTION_ONLY, **REFUSED_BY_TASK.get(task, {})}
+    given = [k for k, unset in refused.items() if getattr(args, k, unset) != unset]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise VisionError(f"{args.weights[0]} is a {task} model, which {flags} cannot be used with")
+
+
 def run(args: argparse.Namespace) -> int:
     # Checkpoints of other model kinds are dispatched here, before the detection path below.
     from vision.engine.semantic_predict import is_semantic, run_semantic_predict
 
     if is_semantic(args.weights[0], args.config, args.overrides):
+        refuse_inapplicable(args, "semantic segmentation")
         return run_semantic_predict(args)
     from vision.engine.cls_predict import is_classifier_checkpoint, run_classifier_predict
 
     if is_classifier_checkpoint(args.weights[0]):
+        refuse_inapplicable(args, "classifier")
         return run_classifier_predict(args)
     return _run_detection(args)
 

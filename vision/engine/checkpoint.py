@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from vision.atomic import atomic_write
 from vision.errors import DataError
 
 CHECKPOINT_VERSION = 1
@@ -92,11 +91,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = list(state["cuda"])[: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
-
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copies a finished checkpoint with the same all-or-nothing guarantee as ``atomic_save``."""
-    import shutil
-
-    with atomic_write(dst) as out, open(src, "rb") as inp:
-        shutil.copyfileobj(inp, out, length=1 << 20)

@@ -102,6 +102,9 @@ def evaluate_coco(
         precision = ev.eval["precision"]
         if max_dets is not None and 100 not in ev.params.maxDets:
             stats, summary = _ap_at_last_limit(stats, summary, precision, max_dets)
+    else:
+        stats = _no_detection_stats(coco_gt, iou_type)
+        summary = "no detections: AP and AR are 0 wherever the ground truth has objects\n"
     if verbose and summary:
         print(summary, end="")
     per_class = {}
@@ -114,8 +117,33 @@ def evaluate_coco(
             p = precision[:, :, k, 0, -1]
             p = p[p > -1]
             ap = float(p.mean()) if p.size else -1.0
+        elif coco_gt.getAnnIds(catIds=[cat["id"]], iscrowd=False):
+            ap = 0.0  # objects to find and nothing found
         per_class[str(cat.get("name", cat["id"]))] = ap
     return {iou_type: dict(zip(STAT_NAMES, (float(s) for s in stats))), "per_class": per_class, "summary": summary}
+
+
+# COCOeval's area ranges, in the order of its 12 summary numbers' area column
+_AREA_OF_STAT = ("all", "all", "all", "small", "medium", "large", "all", "all", "all", "small", "medium", "large")
+
+
+def _no_detection_stats(coco_gt: Any, iou_type: str) -> np.ndarray:
+    """The 12 summary numbers when there are no detections at all.
+
+    pycocotools cannot load an empty results list, and would report -1 ("undefined") everywhere;
+    with objects to find and none found, precision and recall are 0.  An area range holding no
+    ground truth object stays -1, as COCOeval reports it when there are detections.
+    """
+    from pycocotools.cocoeval import Params
+
+    ranges = dict(zip(Params(iouType=iou_type).areaRngLbl, Params(iouType=iou_type).areaRng))
+    areas = [a.get("area", 0.0) for a in coco_gt.dataset.get("annotations", []) if not a.get("iscrowd", 0)]
+    stats = np.full(len(STAT_NAMES), -1.0)
+    for i, label in enumerate(_AREA_OF_STAT):
+        lo, hi = ranges[label]
+        if any(lo <= a <= hi for a in areas):
+            stats[i] = 0.0
+    return stats
 
 
 def _ap_at_last_limit(stats: np.ndarray, summary: str, precision: np.ndarray, max_dets: int) -> tuple[np.ndarray, str]:
@@ -133,6 +161,14 @@ def _ap_at_last_limit(stats: np.ndarray, summary: str, precision: np.ndarray, ma
         head, _, _ = lines[0].rpartition("=")
         lines[0] = head.replace("maxDets=100", f"maxDets={max_dets:>3d}") + f"= {ap:0.3f}\n"
     return stats, "".join(lines)
+
+
+UNDEFINED_NOTE = "(-1.000: the ground truth has no objects in that area range, so COCOeval leaves it undefined)"
+
+
+def explain_undefined(summary: str) -> str:
+    """COCOeval's table followed, once, by what its -1 means, where one appears."""
+    return summary + (UNDEFINED_NOTE + "\n" if "= -1.000" in summary else "")
 
 
 def format_per_class(per_class: Mapping[str, float], title: str = "AP") -> str:

@@ -116,6 +116,11 @@ def check_same_classes(named: Sequence[tuple[str, Categories]]) -> None:
                 f"{first_name} and {name} have different class names "
                 f"({', '.join(first.names)} vs {', '.join(cats.names)}); an ensemble needs the same classes"
             )
+        if cats.ids != first.ids:
+            raise VisionError(
+                f"{first_name} and {name} give their classes different category ids "
+                f"({list(first.ids)} vs {list(cats.ids)}); an ensemble needs the same ids"
+            )
 
 
 def build_predictor(

@@ -53,6 +53,10 @@ def categories_from_checkpoint(ckpt: dict[str, Any]) -> Categories:
     names = ckpt.get("class_names")
     if not names:
         raise VisionError("checkpoint has no class names; give --config with data.class_names")
+    log.warning(
+        "checkpoint keeps class names but not their category ids (an older vision checkpoint): "
+        "ids 1..%d are assumed", len(names),
+    )
     return Categories.from_names(names)
 
 

@@ -35,7 +35,6 @@ from vision.data.records import DetectionSet
 from vision.engine import distributed as du
 from vision.engine.checkpoint import (
     CHECKPOINT_VERSION,
-    atomic_copy,
     atomic_save,
     load_checkpoint_file,
     rng_state,
@@ -376,7 +375,7 @@ class Position:
     epoch: int = 0  # the epoch being trained (0-based)
     batch: int = 0  # batches of this epoch consumed on each rank
     iteration: int = 0  # optimizer steps taken (skipped ones included)
-    best_ap: float = float("-inf")  # pycocotools reports -1 when nothing was detected: still a "best"
+    best_ap: float = float("-inf")  # the task's metric at best.pt (the first evaluation always improves)
     best_iteration: int = -1
     elapsed_s: float = 0.0  # training wall time before this process started
 
@@ -414,7 +413,8 @@ class Trainer:
         self.hooks = list(hooks)
         self.train_set, self.val_set = train_set, val_set
         self.val_dataset = val_dataset
-        self.class_names = list(train_set.categories.names)
+        self.categories = train_set.categories
+        self.class_names = list(self.categories.names)
         self.evaluator = evaluator
         self.predict_fn = predict_fn or predict_dataset
         self.score_fn = score_fn or box_ap
@@ -531,12 +531,30 @@ class Trainer:
 
     # checkpoints ----------------------------------------------------------------------------------
 
-    def checkpoint(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    def inference_checkpoint(self) -> dict[str, Any]:
+        """What inference and fine-tuning need (``best.pt``): weights, config, categories, metrics.
+
+        The categories keep the data set's own ids beside the names, so predictions leave with the
+        ids of the user's annotation files (COCO's 1..90 with gaps, a Roboflow export's 0 placeholder).
+        """
         ckpt: dict[str, Any] = {
             "model": self.eval_model().state_dict(),
             "config": config_to_dict(self.cfg),
             "class_names": self.class_names,
+            "categories": {"ids": [int(i) for i in self.categories.ids], "names": list(self.categories.names)},
             "arch": self.cfg.model.arch,
+            "iteration": self.pos.iteration,
+            "version": CHECKPOINT_VERSION,
+        }
+        if self.last_metrics is not None:
+            # plain numbers, lists and dicts only (weights_only loading); the printed tables stay out
+            ckpt["metrics"] = {k: v for k, v in self.last_metrics.items() if k != "summary"}
+        return ckpt
+
+    def checkpoint(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """``last.pt``: the inference checkpoint plus everything resuming needs."""
+        ckpt: dict[str, Any] = {
+            **self.inference_checkpoint(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "state": {
@@ -544,15 +562,11 @@ class Trainer:
                 "planned_iters": self.planned_iters,
             },
             "rng": rng,
-            "version": CHECKPOINT_VERSION,
         }
         if self.ema is not None:
             ckpt["model_raw"] = self.model.state_dict()
         if self.scaler.is_enabled():
             ckpt["scaler"] = self.scaler.state_dict()
-        if self.last_metrics is not None:
-            # plain numbers, lists and dicts only (weights_only loading); the printed tables stay out
-            ckpt["metrics"] = {k: v for k, v in self.last_metrics.items() if k != "summary"}
         return ckpt
 
     def save(self, best: bool = False) -> None:
@@ -561,8 +575,8 @@ class Trainer:
         if self.dist.is_main:
             last = self.run_dir / "last.pt"
             atomic_save(self.checkpoint(rng), last)
-            if best:
-                atomic_copy(last, self.run_dir / "best.pt")
+            if best:  # no optimizer state: a third of last.pt's size, and never mistaken for a resume point
+                atomic_save(self.inference_checkpoint(), self.run_dir / "best.pt")
         self._hook("checkpoint")
 
     def resume(self, path: str | Path) -> None:

@@ -9,6 +9,8 @@ builders pass ``num_classes + 1`` (label 0 stays background, labels 1..K are the
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from vision.config import ModelConfig
 from vision.errors import ConfigError
@@ -72,6 +75,39 @@ def _set(kwargs: dict[str, Any], key: str, value: Any) -> None:
         kwargs[key] = value
 
 
+def constructor_keywords(detector: type[nn.Module]) -> list[str]:
+    """Every keyword a torchvision detector's constructor takes, its ``**kwargs`` followed through.
+
+    ``MaskRCNN`` hands unknown keywords to ``FasterRCNN``, and both R-CNNs and ``RetinaNet`` hand
+    theirs to ``GeneralizedRCNNTransform``, which ignores what it does not know; so a misspelt key
+    would be dropped without a word unless it is checked against this list.
+    """
+    names: list[str] = []
+    for cls in (*[c for c in detector.__mro__ if c in (MaskRCNN, FasterRCNN, RetinaNet)], GeneralizedRCNNTransform):
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "backbone"):
+                names.append(p.name)
+    names.append("_skip_resize")  # read from GeneralizedRCNNTransform's **kwargs
+    return sorted(set(names) - {"num_classes"})
+
+
+def _extra_kwargs(cfg: ModelConfig, detector: type[nn.Module]) -> dict[str, Any]:
+    """``model.kwargs``, each key checked against what ``detector``'s constructor accepts."""
+    return checked_kwargs(cfg.kwargs, constructor_keywords(detector), f"torchvision's {detector.__name__}")
+
+
+def checked_kwargs(kwargs: dict[str, Any], allowed: list[str], owner: str) -> dict[str, Any]:
+    """``kwargs`` if every key is in ``allowed``; else a ConfigError naming the key and the closest match."""
+    for key in kwargs:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean 'model.kwargs.{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key 'model.kwargs.{key}': {owner} takes no such argument{hint}"
+            )
+    return dict(kwargs)
+
+
 def build_retinanet(cfg: ModelConfig) -> RetinaNet:
     """RetinaNet on P3-P7 (P6 from P5 when the channel counts match, as ``retinanet_resnet50_fpn``)."""
     backbone = _backbone(cfg, "retinanet")
@@ -86,7 +122,7 @@ def build_retinanet(cfg: ModelConfig) -> RetinaNet:
     _set(kwargs, "score_thresh", cfg.score_thresh)
     _set(kwargs, "nms_thresh", cfg.nms_thresh)
     _set(kwargs, "detections_per_img", cfg.detections_per_img)
-    kwargs.update(cfg.kwargs)
+    kwargs.update(_extra_kwargs(cfg, RetinaNet))
     model = RetinaNet(backbone, _num_classes(cfg), **kwargs)
     if cfg.box_loss is not None:
         if cfg.box_loss not in BOX_LOSSES:
@@ -110,7 +146,7 @@ def build_faster_rcnn(cfg: ModelConfig) -> FasterRCNN:
     """Faster R-CNN on P2-P6 (P6 by max-pool, used by the RPN only), as ``fasterrcnn_resnet50_fpn``."""
     backbone = _backbone(cfg, "rcnn")
     kwargs = _rcnn_kwargs(cfg, backbone)
-    kwargs.update(cfg.kwargs)
+    kwargs.update(_extra_kwargs(cfg, FasterRCNN))
     return keep_box_math_in_float32(FasterRCNN(backbone, _num_classes(cfg), **kwargs))
 
 
@@ -119,7 +155,7 @@ def build_mask_rcnn(cfg: ModelConfig) -> MaskRCNN:
     backbone = _backbone(cfg, "rcnn")
     kwargs = _rcnn_kwargs(cfg, backbone)
     kwargs["mask_roi_pool"] = ThreadedMultiScaleRoIAlign(backbone.featmap_names, output_size=14, sampling_ratio=2)
-    kwargs.update(cfg.kwargs)
+    kwargs.update(_extra_kwargs(cfg, MaskRCNN))
     return keep_box_math_in_float32(MaskRCNN(backbone, _num_classes(cfg), **kwargs))
 
 

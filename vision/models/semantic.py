@@ -10,6 +10,7 @@ multiple of 32 itself, and crops every prediction back to its own image.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from torch import nn
 from vision.config import ModelConfig
 from vision.errors import ConfigError
 from vision.models.backbone import TimmFPNBackbone, build_backbone
+from vision.models.detection import checked_kwargs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -209,5 +211,10 @@ def build_semantic_fpn(cfg: ModelConfig) -> SemanticFPN:
         dice_weight=cfg.dice_weight,
         min_size=cfg.min_size,
         max_size=cfg.max_size,
-        **cfg.kwargs,
+        **checked_kwargs(cfg.kwargs, _semantic_keywords(), "SemanticFPN"),
     )
+
+
+def _semantic_keywords() -> list[str]:
+    fixed = {"self", "backbone", "num_classes", "channels", "ignore_index", "dice_weight", "min_size", "max_size"}
+    return [n for n in inspect.signature(SemanticFPN.__init__).parameters if n not in fixed]
