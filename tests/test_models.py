@@ -248,3 +248,22 @@ def test_float32_hooks_widen_half_precision_only() -> None:
         assert {f.dtype for f in model.backbone(x).values()} == {torch.float32}
     with torch.no_grad():
         assert {f.dtype for f in model.double().backbone(x.double()).values()} == {torch.float64}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "frozen_bn", "kinds"),
+    [("resnet18", False, {"FrozenBatchNorm2d", "BatchNorm2d"}), ("efficientnet_b0", True, {"FrozenBatchNormAct2d"})],
+)
+def test_bn_eps_reaches_every_backbone_norm(backbone: str, frozen_bn: bool, kinds: set[str]) -> None:
+    """``model.bn_eps`` (torchvision's COCO_V1 weights run with 0) sets every norm of the timm network,
+    frozen or not, plain or with its activation; the FPN's own norms keep theirs."""
+    cfg = ModelConfig(arch="faster_rcnn", backbone=backbone, num_classes=3, fpn_channels=32, frozen_stages=1,
+                      frozen_bn=frozen_bn, fpn_norm="bn", bn_eps=0.0)
+    model = build_model(cfg)
+    norms = [m for m in model.backbone.body.modules() if hasattr(m, "running_var")]
+    assert {type(m).__name__ for m in norms} == kinds
+    assert norms and all(m.eps == 0.0 for m in norms)
+    fpn_norms = [m for m in model.backbone.fpn.modules() if hasattr(m, "running_var")]
+    assert fpn_norms and all(m.eps == 1e-5 for m in fpn_norms)
+    default = build_model(ModelConfig(arch="faster_rcnn", backbone=backbone, num_classes=3, fpn_channels=32))
+    assert all(m.eps == 1e-5 for m in default.backbone.body.modules() if hasattr(m, "running_var"))
