@@ -118,3 +118,85 @@ def test_same_keys_and_shapes_as_torchvision(arch: str, factory) -> None:
     ours = build_model(ModelConfig(arch=arch, backbone="resnet50", num_classes=90)).state_dict()
     assert set(ours) == set(ref)
     assert all(ours[k].shape == ref[k].shape for k in ref)
+
+
+def _coco_v1_mask_rcnn(min_size: int, max_size: int) -> torch.nn.Module:
+    """torchvision's ``maskrcnn_resnet50_fpn(weights="COCO_V1")`` without the download: the same
+    construction (frozen batch norms, three trainable stages, 91 classes, ``overwrite_eps(model, 0.0)``),
+    with seeded random weights.  The batch norms get trained-network statistics, some variances small
+    enough (1e-4) that the eps the norms run with shows in the scores."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.mask_rcnn import MaskRCNN_ResNet50_FPN_Weights
+    from torchvision.models.detection.retinanet import overwrite_eps
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    body = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
+    num_classes = len(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+    model = MaskRCNN(body, num_classes=num_classes, min_size=min_size, max_size=max_size, **RCNN_KWARGS)
+    overwrite_eps(model, 0.0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                var = 10 ** (torch.rand(m.running_var.shape, generator=g) * 4 - 4)  # 1e-4 .. 1
+                m.running_var.copy_(var)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * var.sqrt() * 0.1)
+                m.weight.copy_(var.sqrt() * (torch.rand(m.weight.shape, generator=g) + 0.5))
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.02)
+        model.roi_heads.box_predictor.cls_score.bias.normal_(0, 0.5)
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_coco_mask_rcnn_config_runs_torchvisions_coco_weights(tmp_path) -> None:
+    """``configs/mask_rcnn_r50_fpn.yaml`` with a torchvision COCO Mask R-CNN state_dict, loaded as
+    ``vision predict --weights model.pth --config ...`` loads it, and run by the inference engine (batched
+    post-processing and mask paste; no folding, so the arithmetic is torchvision's): torchvision's
+    detections, masks equal, and torchvision's COCO category names by label."""
+    from pathlib import Path
+
+    from torchvision.models.detection.mask_rcnn import MaskRCNN_ResNet50_FPN_Weights
+
+    from vision.engine.inference import EngineOptions
+    from vision.engine.predictor import Predictor, load_model_for_inference
+    from vision.models.backbone import set_batch_norm_eps
+
+    size = 160
+    ref = _coco_v1_mask_rcnn(size, size)
+    weights = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
+    torch.save(ref.state_dict(), weights)
+    config = Path(__file__).resolve().parents[1] / "configs" / "mask_rcnn_r50_fpn.yaml"
+    kwargs = ",".join(f"{k}: {v}" for k, v in RCNN_KWARGS.items())
+    model, cfg, categories = load_model_for_inference(
+        weights, config, [f"model.min_size=[{size}]", f"model.max_size={size}", f"model.kwargs={{{kwargs}}}"]
+    )
+    assert (cfg.model.num_classes, cfg.model.bn_eps, cfg.model.frozen_bn) == (90, 0.0, True)
+    names = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    assert [categories.name_of(k) for k in range(1, 91)] == names[1:]
+    assert [categories.id_of(k) for k in range(1, 91)] == list(range(1, 91))  # label k is COCO id k
+
+    image = (_images()[1][:, :150, :200] * 255).to(torch.uint8)
+    predictor = Predictor(model, categories, device="cpu", engine=EngineOptions(fold_bn=False, channels_last=False))
+    with torch.no_grad():
+        exp = ref([image.float() / 255])[0]
+    got = predictor.predict([image])[0]
+    assert len(exp["boxes"]) >= 20, "the reference must produce real detections to compare"
+    assert (exp["masks"] > 0.5).flatten(1).any(1).sum() >= 10, "and real masks"
+    assert got["boxes"].shape == exp["boxes"].shape
+    assert torch.equal(got["labels"], exp["labels"])
+    torch.testing.assert_close(got["boxes"], exp["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(got["scores"], exp["scores"], atol=1e-3, rtol=0)
+    assert torch.equal(got["masks"] > 0.5, exp["masks"] > 0.5)
+    torch.testing.assert_close(got["masks"], exp["masks"], atol=1e-5, rtol=0)
+
+    # the config's bn_eps is what makes them agree: with timm's default the backbone computes another function
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        body = model.backbone.body
+        features = body(x)[-1]
+        set_batch_norm_eps(body, 1e-5)
+        shifted = body(x)[-1]
+    assert (shifted - features).abs().max() > 1e-2 * features.abs().max()

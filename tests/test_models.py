@@ -272,3 +272,22 @@ def test_model_kwargs_reach_every_torchvision_layer_they_name() -> None:
     assert m.rpn._pre_nms_top_n["training"] == 321
     assert m.roi_heads.fg_bg_sampler.batch_size_per_image == 99
     assert m.transform.size_divisible == 16
+
+
+@pytest.mark.parametrize(
+    ("backbone", "frozen_bn", "kinds"),
+    [("resnet18", False, {"FrozenBatchNorm2d", "BatchNorm2d"}), ("efficientnet_b0", True, {"FrozenBatchNormAct2d"})],
+)
+def test_bn_eps_reaches_every_backbone_norm(backbone: str, frozen_bn: bool, kinds: set[str]) -> None:
+    """``model.bn_eps`` (torchvision's COCO_V1 weights run with 0) sets every norm of the timm network,
+    frozen or not, plain or with its activation; the FPN's own norms keep theirs."""
+    cfg = ModelConfig(arch="faster_rcnn", backbone=backbone, num_classes=3, fpn_channels=32, frozen_stages=1,
+                      frozen_bn=frozen_bn, fpn_norm="bn", bn_eps=0.0)
+    model = build_model(cfg)
+    norms = [m for m in model.backbone.body.modules() if hasattr(m, "running_var")]
+    assert {type(m).__name__ for m in norms} == kinds
+    assert norms and all(m.eps == 0.0 for m in norms)
+    fpn_norms = [m for m in model.backbone.fpn.modules() if hasattr(m, "running_var")]
+    assert fpn_norms and all(m.eps == 1e-5 for m in fpn_norms)
+    default = build_model(ModelConfig(arch="faster_rcnn", backbone=backbone, num_classes=3, fpn_channels=32))
+    assert all(m.eps == 1e-5 for m in default.backbone.body.modules() if hasattr(m, "running_var"))

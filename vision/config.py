@@ -89,6 +89,7 @@ class ModelConfig:
     fpn_channels: int = 256
     frozen_stages: int = -1  # -1: nothing frozen; k: stem and the first k stages frozen
     frozen_bn: bool = False
+    bn_eps: float | None = None  # backbone batch norms' eps; None: timm's (1e-5); torchvision's COCO_V1 weights: 0
     fpn_norm: str | None = None  # None | bn | gn: a norm after each FPN convolution (helps from scratch)
     head_norm: str | None = None  # RetinaNet: None | gn | bn in the head's convolutions (as torchvision's v2)
     box_loss: str | None = None  # RetinaNet: l1 (torchvision's default) | smooth_l1 | giou | diou | ciou

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.layers import freeze_batch_norm_2d
+from timm.layers import FrozenBatchNormAct2d, freeze_batch_norm_2d
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock,
     FeaturePyramidNetwork,
@@ -320,11 +321,13 @@ def build_backbone(
     frozen_stages: int = -1,
     frozen_bn: bool = False,
     fpn_norm: str | None = None,
+    bn_eps: float | None = None,
 ) -> TimmFPNBackbone:
     """timm backbone + FPN for ``levels`` ``"retinanet"`` (P3-P7) or ``"rcnn"`` (P2-P6).
 
     ``fpn_norm`` (``"bn"`` or ``"gn"``) puts a norm after each FPN convolution, which a network
-    trained from scratch needs far more than one starting from pretrained weights.
+    trained from scratch needs far more than one starting from pretrained weights.  ``bn_eps`` replaces
+    the ``eps`` of every batch norm in the timm network (``set_batch_norm_eps``).
     """
     if levels == "retinanet":
         strides, extra = RETINANET_STRIDES, LastLevelP6P7(fpn_channels, fpn_channels)
@@ -336,7 +339,24 @@ def build_backbone(
     if frozen_bn:
         body = freeze_batch_norm_2d(body)
     freeze_stages(body, frozen_stages)
+    if bn_eps is not None:
+        set_batch_norm_eps(body, bn_eps)
     return TimmFPNBackbone(body, body.feature_info.channels(), fpn_channels, extra, norm_layer(fpn_norm))
+
+
+def set_batch_norm_eps(module: nn.Module, eps: float) -> int:
+    """Sets ``eps`` on every batch norm (trainable or frozen) under ``module``; returns how many.
+
+    Weights are tied to the ``eps`` they were trained with: torchvision's COCO_V1 detection weights come
+    from frozen norms without one, and torchvision runs them with ``eps=0`` (``overwrite_eps``), while
+    timm's norms default to 1e-5, which moves scores and box corners slightly.
+    """
+    count = 0
+    for m in module.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d, FrozenBatchNormAct2d)):
+            m.eps = float(eps)
+            count += 1
+    return count
 
 
 def norm_layer(kind: str | None) -> Callable[[int], nn.Module] | None:

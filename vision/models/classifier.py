@@ -31,7 +31,7 @@ from torch import nn
 
 from vision.config import ModelConfig
 from vision.errors import ConfigError
-from vision.models.backbone import create_feature_net, freeze_stages
+from vision.models.backbone import create_feature_net, freeze_stages, set_batch_norm_eps
 from vision.models.weights import ARCH_SIGNATURES, CLASS_DEPENDENT_PREFIXES
 
 TOP_K = 5
@@ -176,6 +176,8 @@ def build_classifier(cfg: ModelConfig) -> Classifier:
     if cfg.frozen_bn:
         body = freeze_batch_norm_2d(body)
     freeze_stages(body, cfg.frozen_stages)
+    if cfg.bn_eps is not None:
+        set_batch_norm_eps(body, cfg.bn_eps)
     data_cfg = resolve_data_config({}, model=body)
     return Classifier(
         body,

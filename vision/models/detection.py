@@ -42,6 +42,7 @@ def _backbone(cfg: ModelConfig, levels: str) -> TimmFPNBackbone:
         frozen_stages=cfg.frozen_stages,
         frozen_bn=cfg.frozen_bn,
         fpn_norm=cfg.fpn_norm,
+        bn_eps=cfg.bn_eps,
     )
 
 

@@ -202,6 +202,7 @@ def build_semantic_fpn(cfg: ModelConfig) -> SemanticFPN:
         frozen_stages=cfg.frozen_stages,
         frozen_bn=cfg.frozen_bn,
         fpn_norm=cfg.fpn_norm,
+        bn_eps=cfg.bn_eps,
     )
     return SemanticFPN(
         backbone,
