@@ -4,8 +4,9 @@ ensemble-boxes clusters the boxes of one class one at a time (highest score firs
 fused boxes, so the algorithm is sequential within a class but independent across classes and images.
 Everything around the clustering (prefilter, grouping by (image, class), sorting with ensemble-boxes'
 tie order, the per-cluster scores of every ``conf_type``) is vectorised NumPy over all boxes at once.
-The clustering itself runs in a Numba kernel (``_wbf_numba``), or, without Numba, in a NumPy lock-step
-loop whose step ``k`` takes the k-th box of every class at once.
+The clustering itself runs in a Numba kernel (``_wbf_numba``) or in a NumPy lock-step loop whose step
+``k`` takes the k-th box of every class at once; the loop serves short jobs, which would spend more on
+importing Numba than they save (``_choose_kernel``), and installations without Numba.
 
 To give the same clusters (not merely close ones) the arithmetic follows ensemble-boxes operation by
 operation: a fused box is accumulated in float32 from float64 products, divided by the float64 score
@@ -17,6 +18,7 @@ within rounding of the threshold, and the outputs are bit-identical.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -187,7 +189,7 @@ def wbf(
     X2[7:9] = -3.0
     n_clusters = np.zeros(G, dtype=np.int64)
     member_t = np.zeros((nmax, G), dtype=np.int64)
-    kernel = compiled_kernel()
+    kernel = _choose_kernel(nmax)
     if kernel is not None:
         kernel(BT, BVT, row_sizes, float(iou_thr), label_f32_exact, X2, member_t, n_clusters)
     else:
@@ -352,12 +354,38 @@ def _cluster_lockstep(BT, BVT, row_sizes, iou_thr, label_f32_exact, X2, member_t
 
 def compiled_kernel():
     """The Numba kernel (``_wbf_numba.cluster_rows``), or None without Numba or with ``VISION_NUMBA=0``,
-    in which case the NumPy lock-step path runs.  Numba comes with ensemble-boxes; the kernel is
-    compiled on first use and cached on disk, so only the first process pays for compiling it."""
-    if os.environ.get("VISION_NUMBA", "1") == "0":
+    in which case the NumPy lock-step path runs.  The kernel is compiled on first use and cached on disk
+    where Numba can write its cache, so only the first process pays for compiling it."""
+    if os.environ.get("VISION_NUMBA", "auto") == "0":
         return None
     try:
         from vision.ensemble._wbf_numba import cluster_rows
     except ImportError:
         return None
     return cluster_rows
+
+
+# Importing Numba costs about as much as 10k lock-step steps (0.5-2 s), more than the lock-step path
+# loses on a typical results file (600 images x 1500 boxes: ~4000 steps, 0.25 s slower than the kernel).
+_LOCKSTEP_BUDGET = 10_000
+_lockstep_steps = 0
+
+
+def _choose_kernel(steps: int):
+    """The kernel for a clustering of ``steps`` lock-step steps, or None for the lock-step path.
+
+    ``VISION_NUMBA=1`` always takes the kernel and ``0`` never; by default the kernel is taken when Numba
+    is already imported (ensemble-boxes imports it) or once this process's lock-step work would pass
+    ``_LOCKSTEP_BUDGET`` steps, so short jobs such as one ``vision fuse`` of a few thousand images do not
+    pay for importing Numba and long ones pay once.
+    """
+    global _lockstep_steps
+    mode = os.environ.get("VISION_NUMBA", "auto")
+    if mode == "0":
+        return None
+    if mode == "1" or "numba" in sys.modules or _lockstep_steps + steps > _LOCKSTEP_BUDGET:
+        kernel = compiled_kernel()
+        if kernel is not None:
+            return kernel
+    _lockstep_steps += steps
+    return None
