@@ -59,9 +59,16 @@ def prefilter(boxes_list, scores_list, labels_list, weights: np.ndarray, thr: fl
         e = np.zeros(0)
         ei = np.zeros(0, dtype=np.int64)
         return Prefiltered(np.zeros((0, 4)), e, e, ei, ei, ei)
-    b = np.concatenate(bs)
-    s = np.concatenate(ss)
     model = np.repeat(np.arange(len(ns)), ns)
+    return prefilter_rows(np.concatenate(bs), np.concatenate(ss), np.concatenate(ls), model, weights, thr)
+
+
+def prefilter_rows(
+    b: np.ndarray, s: np.ndarray, labels: np.ndarray, model: np.ndarray, weights: np.ndarray, thr: float
+) -> Prefiltered:
+    """``prefilter`` on boxes already concatenated (``model`` gives each row's model), for any number of
+    images at once: every operation is row-wise, so one call over a whole results file (rows ordered by
+    image, then model) equals the per-image calls concatenated."""
     w = np.asarray(weights)[model]
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     sx = x2 < x1
@@ -80,7 +87,7 @@ def prefilter(boxes_list, scores_list, labels_list, weights: np.ndarray, thr: fl
         s[idx] * w[idx],
         w[idx].astype(np.float64),
         model[idx],
-        np.concatenate(ls)[idx].astype(np.int64),
+        labels[idx].astype(np.int64),
         idx,
     )
 

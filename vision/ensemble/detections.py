@@ -238,6 +238,13 @@ def fuse_detections(
         bounds = np.concatenate(([0], np.cumsum(counts)))
         per_model.append((b, m.score[rows], m.category_id[rows], bounds, rows))
     present_idx = np.flatnonzero(present)
+    with_masks = fuse_segmentation and any(m.segmentation is not None for m in models)
+    if method == "wbf" and not with_masks:
+        w_model = np.ones(n_models) if weights is None else np.asarray(weights, dtype=np.float64)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "box coordinates outside")
+            fused = _wbf_rows(per_model, present_idx, w_model, iou_thr, skip_score, **options)
+        return _assemble(fused, present_idx, images, None)
     batch = []
     for i in present_idx.tolist():
         spans = [(bd[i], bd[i + 1]) for *_, bd, _ in per_model]
@@ -246,35 +253,80 @@ def fuse_detections(
             [s[lo:hi] for (_, s, *_), (lo, hi) in zip(per_model, spans)],
             [c[lo:hi] for (_, _, c, *_), (lo, hi) in zip(per_model, spans)],
         ))
-    with_masks = fuse_segmentation and any(m.segmentation is not None for m in models)
     with warnings.catch_warnings():  # boxes reaching past the image border are clipped to it
         warnings.filterwarnings("ignore", "box coordinates outside")
         fused = fuse_batch(batch, method, weights, iou_thr, skip_score, members=with_masks, **options)
-    if not fused:
-        return empty_detections(), 0
-    n_out = np.array([len(f.scores) for f in fused])
-    img = np.repeat(present_idx, n_out)
-    boxes = np.concatenate([f.boxes for f in fused]).reshape(-1, 4).astype(np.float64, copy=False)
-    w, h = images.width[img], images.height[img]
-    x1, y1, x2, y2 = boxes.T
-    bbox = np.stack([x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h], axis=1)
-    score = np.concatenate([f.scores for f in fused]).astype(np.float64, copy=False)
-    labels = np.concatenate([f.labels for f in fused]).astype(np.int64)
     seg = None
     if with_masks:
         from vision.ensemble.results import fused_masks
 
         w_model = np.ones(n_models) if weights is None else np.asarray(weights, dtype=np.float64)
         seg = []
-        for k, (i, f) in enumerate(zip(present_idx.tolist(), fused)):
+        for i, f in zip(present_idx.tolist(), fused):
             members = []
             for (_, s, _, bd, rows), m in zip(per_model, models):
                 lo, hi = bd[i], bd[i + 1]
                 segs = [None] * (hi - lo) if m.segmentation is None else [m.segmentation[r] for r in rows[lo:hi]]
                 members.append((s[lo:hi], segs))
             shape = (int(images.height[i]), int(images.width[i]))
-            masks = fused_masks(members, f.members, int(n_out[k]), w_model, shape)
-            seg += [masks.get(j) for j in range(int(n_out[k]))]
+            masks = fused_masks(members, f.members, len(f.scores), w_model, shape)
+            seg += [masks.get(j) for j in range(len(f.scores))]
+    return _assemble([(f.boxes, f.scores, f.labels) for f in fused], present_idx, images, seg)
+
+
+def _wbf_rows(per_model, present_idx, w_model, iou_thr, skip_score, conf_type="avg", allows_overflow=False):
+    """WBF of every image straight from the per-model columns: one vectorised prefilter over all rows
+    (ordered by image, then model, then file order, as ensemble-boxes concatenates them), then ``_wbf.wbf``
+    on chunks of whole images.  Equals ``fuse_batch`` (tested) without its per-image lists."""
+    from vision.ensemble import _wbf
+    from vision.ensemble.fusion import _CHUNK_BOXES
+
+    if conf_type not in _wbf.CONF_TYPES:
+        raise ValueError(f"unknown conf_type {conf_type!r}, must be one of {', '.join(_wbf.CONF_TYPES)}")
+    iou_thr = 0.55 if iou_thr is None else iou_thr
+    img = np.concatenate([np.repeat(np.arange(bd.size - 1), np.diff(bd)) for *_, bd, _ in per_model])
+    model = np.concatenate([np.full(bd[-1], t, dtype=np.int64) for t, (*_, bd, _) in enumerate(per_model)])
+    order = np.argsort(img, kind="stable")  # image, then model, then file order
+    p = _wbf.prefilter_rows(
+        np.concatenate([x[0] for x in per_model])[order], np.concatenate([x[1] for x in per_model])[order],
+        np.concatenate([x[2] for x in per_model])[order], model[order], w_model, skip_score,
+    )
+    img = img[order][p.source]
+    # Chunks of whole images of about _CHUNK_BOXES boxes each (see fusion.fuse_batch).
+    starts = np.searchsorted(img, present_idx)
+    ends = np.searchsorted(img, present_idx, side="right")
+    out = []
+    k = 0
+    empty = (np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    while k < present_idx.size:
+        stop = max(k + 1, int(np.searchsorted(ends, starts[k] + _CHUNK_BOXES, side="right")))
+        stop = min(stop, present_idx.size)
+        lo, hi = starts[k], ends[stop - 1]
+        if lo == hi:
+            out += [empty] * (stop - k)
+            k = stop
+            continue
+        local = np.searchsorted(present_idx[k:stop], img[lo:hi])
+        chunk = _wbf.Prefiltered(*(x[lo:hi] for x in p))
+        with np.errstate(invalid="ignore", divide="ignore"):  # zero scores give 0/0 there too
+            r = _wbf.wbf(chunk, local, stop - k, w_model, iou_thr, conf_type, allows_overflow, members=False)
+        out += list(zip(r.boxes, r.scores, r.labels))
+        k = stop
+    return out
+
+
+def _assemble(fused, present_idx, images: ImageTable, seg) -> tuple[Detections, int]:
+    """Per-image (boxes, scores, labels) back to pixel columns; non-finite rows dropped and counted."""
+    if not fused:
+        return empty_detections(), 0
+    n_out = np.array([len(f[1]) for f in fused])
+    img = np.repeat(present_idx, n_out)
+    boxes = np.concatenate([f[0] for f in fused]).reshape(-1, 4).astype(np.float64, copy=False)
+    w, h = images.width[img], images.height[img]
+    x1, y1, x2, y2 = boxes.T
+    bbox = np.stack([x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h], axis=1)
+    score = np.concatenate([f[1] for f in fused]).astype(np.float64, copy=False)
+    labels = np.concatenate([f[2] for f in fused]).astype(np.int64)
     out = Detections(images.ids[img], labels, bbox, score, seg)
     finite = np.isfinite(bbox).all(axis=1) & np.isfinite(score)
     n_bad = int(finite.size - np.count_nonzero(finite))
