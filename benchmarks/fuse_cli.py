@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         ours_cmd = [sys.executable, "-m", "vision.cli", "fuse", "--method", "wbf", "--images",
                     str(folder / "images.json"), "--out", str(ours_out), "--dets", *map(str, dets)]
         ref_cmd = [sys.executable, str(script), str(folder / "images.json"), str(ref_out), *map(str, dets)]
-        env_note = os.environ.get("VISION_NUMBA", "1")
+        env_note = os.environ.get("VISION_NUMBA", "auto")
         timed(ours_cmd)  # warm-up: bytecode caches (and the Numba cache, where used)
         timed([sys.executable, "-c", "import json, numpy, ensemble_boxes"])
         t_ours, t_ref = [], []

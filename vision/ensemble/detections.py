@@ -47,7 +47,7 @@ class Detections:
         return Detections(self.image_id[idx], self.category_id[idx], self.bbox[idx], self.score[idx], seg)
 
     def to_dicts(self) -> list[dict]:
-        """COCO results dicts (what ``json`` / ``orjson`` serialise)."""
+        """COCO results dicts (what ``json`` / ``msgspec`` serialise)."""
         out = [
             {"image_id": i, "category_id": c, "bbox": b, "score": s}
             for i, c, b, s in zip(

@@ -6,7 +6,7 @@ image's size (from a COCO ``images`` list), fused per image with any method of
 ``vision.ensemble.fuse_batch`` and written back in pixels; category ids are kept as they are in the
 inputs.  All images are fused in a few vectorised batches rather than one call per image.
 
-This module reads and writes the JSON (orjson, atomic writes) and keeps the dict-based API
+This module reads and writes the JSON (msgspec, atomic writes) and keeps the dict-based API
 (``load_results``, ``fuse_results``); the work itself is done on columns by ``vision.ensemble.detections``.
 """
 
@@ -17,9 +17,10 @@ import gc
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain
 
+import msgspec
 import numpy as np
-import orjson
 
 from vision.atomic import atomic_write
 from vision.ensemble.fusion import METHODS
@@ -48,7 +49,7 @@ def gc_paused() -> Iterator[None]:
 def read_json(path: str | os.PathLike, what: str):
     """Parse a JSON file, turning a missing or malformed file into a one-line DataError.
 
-    orjson parses strict JSON; a file it refuses is read again by Python's ``json``, which also accepts
+    msgspec parses strict JSON; a file it refuses is read again by Python's ``json``, which also accepts
     the ``NaN`` and ``Infinity`` that Python's own ``json.dump`` writes (and words its errors better).
     """
     return parse_json(read_bytes(path, what), path)
@@ -65,8 +66,8 @@ def parse_json(raw: bytes, path: str | os.PathLike):
     """``read_json`` on bytes already read."""
     with gc_paused():
         try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
             pass
         try:
             return json.loads(raw.decode("utf-8"))
@@ -94,17 +95,49 @@ def load_results(path: str | os.PathLike) -> list[dict]:
 
 def read_detections(path: str | os.PathLike):
     """A COCO results file as ``Detections`` columns (no dict outlives the parse)."""
-    from vision.ensemble.detections import from_dicts
+    from vision.ensemble.detections import Detections, from_dicts
 
     raw = read_bytes(path, "detections")
     # A key that occurs nowhere in the text is in no entry: no need to look for it entry by entry.
     with_segmentation = b'"segmentation"' in raw
+    if not with_segmentation:
+        with gc_paused():
+            try:  # typed decoding: no dict per entry, types and the box's length checked by msgspec
+                entries = _DECODER.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                entries = None  # anything unusual: the generic path below finds and words the problem
+            if entries is not None:
+                n = len(entries)
+                try:
+                    dets = Detections(
+                        np.fromiter([e.image_id for e in entries], np.int64, n),
+                        np.fromiter([e.category_id for e in entries], np.int64, n),
+                        np.fromiter(chain.from_iterable([e.bbox for e in entries]), np.float64, 4 * n).reshape(n, 4),
+                        np.fromiter([e.score for e in entries], np.float64, n),
+                    )
+                except OverflowError:  # an id beyond 64 bits
+                    dets = None
+                del entries
+                if dets is not None:
+                    return dets
     data = _results_list(parse_json(raw, path), path)
     del raw
     with gc_paused():
         dets = from_dicts(data, str(path), with_segmentation)
         del data
     return dets
+
+
+class _Entry(msgspec.Struct, gc=False):
+    """One COCO results entry, as msgspec decodes it (unknown keys are skipped)."""
+
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+    score: float
+
+
+_DECODER = msgspec.json.Decoder(list[_Entry])
 
 
 def check_detection(d) -> str | None:
@@ -222,9 +255,9 @@ def fused_masks(members_in, members, n_out: int, w_model: np.ndarray, shape: tup
 def write_json(path: str | os.PathLike, data) -> None:
     """Write strict JSON atomically (a failure leaves any old file as it was), creating the parent folder.
 
-    orjson writes a NaN or infinite float as ``null``; callers that may hold such values check them first.
+    msgspec writes a NaN or infinite float as ``null``; callers that may hold such values check them first.
     """
-    payload = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
+    payload = msgspec.json.encode(data)
     with atomic_write(path, "wb") as f:
         f.write(payload)
 
@@ -232,7 +265,7 @@ def write_json(path: str | os.PathLike, data) -> None:
 def write_detections(path: str | os.PathLike, dets) -> None:
     """Write ``Detections`` as a COCO results file (atomically); they must be finite (strict JSON).
 
-    Without masks no dict is built: orjson prints each column as one array (its floats as the shortest
+    Without masks no dict is built: msgspec prints each column as one array (its floats as the shortest
     text that reads back to the same bits), and the rows' pieces are interleaved with the keys by one
     ``bytes.join``.
     """
@@ -244,10 +277,9 @@ def write_detections(path: str | os.PathLike, dets) -> None:
             write_json(path, dets.to_dicts())
         return
     n = len(dets)
-    opt = orjson.OPT_SERIALIZE_NUMPY
 
     def pieces(a: np.ndarray) -> list[bytes]:
-        return orjson.dumps(np.ascontiguousarray(a), option=opt)[1:-1].split(b",")
+        return msgspec.json.encode(a.tolist())[1:-1].split(b",")
 
     with gc_paused():
         parts: list[bytes] = [b""] * (8 * n)
@@ -257,7 +289,7 @@ def write_detections(path: str | os.PathLike, dets) -> None:
         parts[2::8] = [b',"category_id":'] * n
         parts[3::8] = pieces(dets.category_id)
         parts[4::8] = [b',"bbox":['] * n
-        parts[5::8] = orjson.dumps(np.ascontiguousarray(dets.bbox), option=opt)[2:-2].split(b"],[")
+        parts[5::8] = msgspec.json.encode(dets.bbox.tolist())[2:-2].split(b"],[")
         parts[6::8] = [b'],"score":'] * n
         parts[7::8] = pieces(dets.score)
         parts.append(b"}]")
