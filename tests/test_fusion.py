@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from pathlib import Path
 
 import ensemble_boxes as eb
 import numpy as np
@@ -341,3 +342,40 @@ def test_wbf_is_bit_exact_including_zero_scores(seed, wbf_path):
         for iou_thr in (0.55, 0.3):
             kw = dict(weights=[1, 2, 1, 3], iou_thr=iou_thr, conf_type=ct)
             assert_bit_exact(_quiet(eb.weighted_boxes_fusion, b, s, lab, **kw), ve.weighted_boxes_fusion(b, s, lab, **kw))
+
+
+def test_numba_kernel_without_a_writable_cache_folder(tmp_path):
+    """Where Numba finds no folder to cache compiled code in (read-only package folder and HOME), the kernel
+    is compiled in memory instead of the import failing.  As root ignores read-only permissions, the folders
+    are made unusable by a file standing where each folder would be created."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "site"
+    shutil.copytree(Path(ve.__file__).parents[1], pkg / "vision", ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "vision" / "ensemble" / "__pycache__").write_text("not a folder")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(PYTHONPATH=str(pkg), HOME=str(blocker / "home"), XDG_CACHE_HOME=str(blocker / "cache"),
+               VISION_NUMBA="1", PYTHONDONTWRITEBYTECODE="1")
+    code = (
+        "import numpy as np, vision.ensemble as ve\n"
+        "from vision.ensemble import _wbf\n"
+        f"assert ve.__file__.startswith({str(pkg)!r}), ve.__file__\n"
+        "assert _wbf.compiled_kernel() is not None\n"
+        "b = [np.array([[0.1, 0.1, 0.5, 0.5], [0.11, 0.1, 0.5, 0.52]]), np.array([[0.1, 0.12, 0.5, 0.5]])]\n"
+        "s = [np.array([0.9, 0.4]), np.array([0.7])]\n"
+        "lab = [np.array([1, 1]), np.array([1])]\n"
+        "boxes, scores, labels = ve.weighted_boxes_fusion(b, s, lab)\n"
+        "print(repr(boxes.tolist()), repr(scores.tolist()))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = [np.array([[0.1, 0.1, 0.5, 0.5], [0.11, 0.1, 0.5, 0.52]]), np.array([[0.1, 0.12, 0.5, 0.5]])]
+    s = [np.array([0.9, 0.4]), np.array([0.7])]
+    lab = [np.array([1, 1]), np.array([1])]
+    ref = _quiet(eb.weighted_boxes_fusion, b, s, lab)
+    assert r.stdout.strip() == f"{ref[0].tolist()!r} {ref[1].tolist()!r}"

@@ -4,8 +4,9 @@ ensemble-boxes clusters the boxes of one class one at a time (highest score firs
 fused boxes, so the algorithm is sequential within a class but independent across classes and images.
 Everything around the clustering (prefilter, grouping by (image, class), sorting with ensemble-boxes'
 tie order, the per-cluster scores of every ``conf_type``) is vectorised NumPy over all boxes at once.
-The clustering itself runs in a Numba kernel (``_wbf_numba``), or, without Numba, in a NumPy lock-step
-loop whose step ``k`` takes the k-th box of every class at once.
+The clustering itself runs in a Numba kernel (``_wbf_numba``) or in a NumPy lock-step loop whose step
+``k`` takes the k-th box of every class at once; the loop serves short jobs, which would spend more on
+importing Numba than they save (``_choose_kernel``), and installations without Numba.
 
 To give the same clusters (not merely close ones) the arithmetic follows ensemble-boxes operation by
 operation: a fused box is accumulated in float32 from float64 products, divided by the float64 score
@@ -17,6 +18,7 @@ within rounding of the threshold, and the outputs are bit-identical.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -57,9 +59,16 @@ def prefilter(boxes_list, scores_list, labels_list, weights: np.ndarray, thr: fl
         e = np.zeros(0)
         ei = np.zeros(0, dtype=np.int64)
         return Prefiltered(np.zeros((0, 4)), e, e, ei, ei, ei)
-    b = np.concatenate(bs)
-    s = np.concatenate(ss)
     model = np.repeat(np.arange(len(ns)), ns)
+    return prefilter_rows(np.concatenate(bs), np.concatenate(ss), np.concatenate(ls), model, weights, thr)
+
+
+def prefilter_rows(
+    b: np.ndarray, s: np.ndarray, labels: np.ndarray, model: np.ndarray, weights: np.ndarray, thr: float
+) -> Prefiltered:
+    """``prefilter`` on boxes already concatenated (``model`` gives each row's model), for any number of
+    images at once: every operation is row-wise, so one call over a whole results file (rows ordered by
+    image, then model) equals the per-image calls concatenated."""
     w = np.asarray(weights)[model]
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     sx = x2 < x1
@@ -78,7 +87,7 @@ def prefilter(boxes_list, scores_list, labels_list, weights: np.ndarray, thr: fl
         s[idx] * w[idx],
         w[idx].astype(np.float64),
         model[idx],
-        np.concatenate(ls)[idx].astype(np.int64),
+        labels[idx].astype(np.int64),
         idx,
     )
 
@@ -187,7 +196,7 @@ def wbf(
     X2[7:9] = -3.0
     n_clusters = np.zeros(G, dtype=np.int64)
     member_t = np.zeros((nmax, G), dtype=np.int64)
-    kernel = compiled_kernel()
+    kernel = _choose_kernel(nmax)
     if kernel is not None:
         kernel(BT, BVT, row_sizes, float(iou_thr), label_f32_exact, X2, member_t, n_clusters)
     else:
@@ -352,12 +361,38 @@ def _cluster_lockstep(BT, BVT, row_sizes, iou_thr, label_f32_exact, X2, member_t
 
 def compiled_kernel():
     """The Numba kernel (``_wbf_numba.cluster_rows``), or None without Numba or with ``VISION_NUMBA=0``,
-    in which case the NumPy lock-step path runs.  Numba comes with ensemble-boxes; the kernel is
-    compiled on first use and cached on disk, so only the first process pays for compiling it."""
-    if os.environ.get("VISION_NUMBA", "1") == "0":
+    in which case the NumPy lock-step path runs.  The kernel is compiled on first use and cached on disk
+    where Numba can write its cache, so only the first process pays for compiling it."""
+    if os.environ.get("VISION_NUMBA", "auto") == "0":
         return None
     try:
         from vision.ensemble._wbf_numba import cluster_rows
     except ImportError:
         return None
     return cluster_rows
+
+
+# Importing Numba costs about as much as 10k lock-step steps (0.5-2 s), more than the lock-step path
+# loses on a typical results file (600 images x 1500 boxes: ~4000 steps, 0.25 s slower than the kernel).
+_LOCKSTEP_BUDGET = 10_000
+_lockstep_steps = 0
+
+
+def _choose_kernel(steps: int):
+    """The kernel for a clustering of ``steps`` lock-step steps, or None for the lock-step path.
+
+    ``VISION_NUMBA=1`` always takes the kernel and ``0`` never; by default the kernel is taken when Numba
+    is already imported (ensemble-boxes imports it) or once this process's lock-step work would pass
+    ``_LOCKSTEP_BUDGET`` steps, so short jobs such as one ``vision fuse`` of a few thousand images do not
+    pay for importing Numba and long ones pay once.
+    """
+    global _lockstep_steps
+    mode = os.environ.get("VISION_NUMBA", "auto")
+    if mode == "0":
+        return None
+    if mode == "1" or "numba" in sys.modules or _lockstep_steps + steps > _LOCKSTEP_BUDGET:
+        kernel = compiled_kernel()
+        if kernel is not None:
+            return kernel
+    _lockstep_steps += steps
+    return None

@@ -11,7 +11,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_jit = numba.njit(cache=True, nogil=True, error_model="numpy")  # IEEE 0/0 = NaN, as NumPy
+
+def _jit(fn):
+    """``numba.njit`` with the on-disk cache where Numba finds a writable folder for it (the package's
+    ``__pycache__``, ``NUMBA_CACHE_DIR`` or the user's cache folder), in memory only where it finds none
+    (a read-only installation and HOME): Numba refuses ``cache=True`` there instead of falling back."""
+    options = {"nogil": True, "error_model": "numpy"}  # error_model: IEEE 0/0 = NaN, as NumPy
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(cache=False, **options)(fn)
 
 
 @_jit

@@ -235,11 +235,13 @@ def fuse_batch(
     thresh: float = 0.001,
     clip: bool = True,
     decayed_scores: bool = False,
+    members: bool = True,
 ) -> list[Fusion]:
     """``fuse`` for many images at once: ``images`` is a sequence of (boxes_list, scores_list, labels_list).
 
     Each image's result equals ``fuse`` on that image alone, but every image's classes advance
     together, so a whole results file costs about as many vectorised steps as its busiest class.
+    ``members=False`` skips WBF's membership bookkeeping (``Fusion.members`` is then empty).
     """
     if method not in METHODS:
         raise ValueError(f"unknown fusion method {method!r}, must be one of {', '.join(METHODS)}")
@@ -256,12 +258,12 @@ def fuse_batch(
             stop = start + max(1, int(np.searchsorted(np.cumsum(sizes[start:]), _CHUNK_BOXES, side="right")))
             out += fuse_batch(images[start:stop], method, weights, iou_thr, skip_box_thr, conf_type=conf_type,
                               allows_overflow=allows_overflow, soft_method=soft_method, sigma=sigma,
-                              thresh=thresh, clip=clip, decayed_scores=decayed_scores)
+                              thresh=thresh, clip=clip, decayed_scores=decayed_scores, members=members)
             start = stop
         return out
     if method == "wbf":
         thr = 0.55 if iou_thr is None else iou_thr
-        return _wbf_batch(images, weights, thr, skip_box_thr, conf_type, allows_overflow)
+        return _wbf_batch(images, weights, thr, skip_box_thr, conf_type, allows_overflow, members)
     thr = 0.5 if iou_thr is None else iou_thr
     if method == "sum":
         w = _weights_array(weights, len(images[0][0]))

@@ -5,51 +5,143 @@ A COCO results file is a JSON list of ``{"image_id", "category_id", "bbox": [x, 
 image's size (from a COCO ``images`` list), fused per image with any method of
 ``vision.ensemble.fuse_batch`` and written back in pixels; category ids are kept as they are in the
 inputs.  All images are fused in a few vectorised batches rather than one call per image.
+
+This module reads and writes the JSON (msgspec, atomic writes) and keeps the dict-based API
+(``load_results``, ``fuse_results``); the work itself is done on columns by ``vision.ensemble.detections``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
-import warnings
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain
 
+import msgspec
 import numpy as np
 
-from vision.ensemble.fusion import METHODS, fuse_batch
+from vision.atomic import atomic_write
+from vision.ensemble.fusion import METHODS
 from vision.errors import DataError, VisionError
 
 ImageSizes = Mapping[int, tuple[int, int]]  # image id -> (width, height)
-_BATCH_IMAGES = 256  # images read into one fuse_batch call (which chunks further)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a big JSON document is built or dropped.
+
+    Parsed JSON has no reference cycles, yet each of its hundreds of thousands of dicts counts towards
+    the collector's thresholds, and every full collection walks all of them: parsing a 30 MB results file
+    costs twice as long with the collector running.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def read_json(path: str | os.PathLike, what: str):
-    """Parse a JSON file, turning a missing or malformed file into a one-line DataError."""
+    """Parse a JSON file, turning a missing or malformed file into a one-line DataError.
+
+    msgspec parses strict JSON; a file it refuses is read again by Python's ``json``, which also accepts
+    the ``NaN`` and ``Infinity`` that Python's own ``json.dump`` writes (and words its errors better).
+    """
+    return parse_json(read_bytes(path, what), path)
+
+
+def read_bytes(path: str | os.PathLike, what: str) -> bytes:
     if not os.path.isfile(path):
         raise DataError(path, f"{what} file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not valid JSON ({e})") from None
+    with open(path, "rb") as f:
+        return f.read()
 
 
-def load_results(path: str | os.PathLike) -> list[dict]:
-    """Read a COCO results file (a list of detections; a dict with ``annotations`` is accepted too)."""
-    data = read_json(path, "detections")
+def parse_json(raw: bytes, path: str | os.PathLike):
+    """``read_json`` on bytes already read."""
+    with gc_paused():
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            pass
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise DataError(path, f"not valid JSON ({e})") from None
+
+
+def _results_list(data, path) -> list:
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]
     if not isinstance(data, list):
         raise DataError(path, "expected a COCO results list of detections")
-    for i, d in enumerate(data):
-        problem = _check_detection(d)
-        if problem:
-            raise DataError(path, f"detection {i}: {problem}")
     return data
 
 
-def _check_detection(d) -> str | None:
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """Read a COCO results file (a list of detections; a dict with ``annotations`` is accepted too)."""
+    from vision.ensemble.detections import from_dicts
+
+    data = _results_list(read_json(path, "detections"), path)
+    with gc_paused():
+        from_dicts(data, str(path))  # checks every entry's fields and types
+    return data
+
+
+def read_detections(path: str | os.PathLike):
+    """A COCO results file as ``Detections`` columns (no dict outlives the parse)."""
+    from vision.ensemble.detections import Detections, from_dicts
+
+    raw = read_bytes(path, "detections")
+    # A key that occurs nowhere in the text is in no entry: no need to look for it entry by entry.
+    with_segmentation = b'"segmentation"' in raw
+    if not with_segmentation:
+        with gc_paused():
+            try:  # typed decoding: no dict per entry, types and the box's length checked by msgspec
+                entries = _DECODER.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                entries = None  # anything unusual: the generic path below finds and words the problem
+            if entries is not None:
+                n = len(entries)
+                try:
+                    dets = Detections(
+                        np.fromiter([e.image_id for e in entries], np.int64, n),
+                        np.fromiter([e.category_id for e in entries], np.int64, n),
+                        np.fromiter(chain.from_iterable([e.bbox for e in entries]), np.float64, 4 * n).reshape(n, 4),
+                        np.fromiter([e.score for e in entries], np.float64, n),
+                    )
+                except OverflowError:  # an id beyond 64 bits
+                    dets = None
+                del entries
+                if dets is not None:
+                    return dets
+    data = _results_list(parse_json(raw, path), path)
+    del raw
+    with gc_paused():
+        dets = from_dicts(data, str(path), with_segmentation)
+        del data
+    return dets
+
+
+class _Entry(msgspec.Struct, gc=False):
+    """One COCO results entry, as msgspec decodes it (unknown keys are skipped)."""
+
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+    score: float
+
+
+_DECODER = msgspec.json.Decoder(list[_Entry])
+
+
+def check_detection(d) -> str | None:
+    """What is wrong with one results entry's fields and types, or None."""
     if not isinstance(d, dict):
         return "not an object"
     for key in ("image_id", "category_id", "bbox", "score"):
@@ -103,61 +195,21 @@ def fuse_results(
     ``segmentation`` the fused detection gets the score-weighted mean of their masks, thresholded at
     0.5, as RLE.  ``names`` (file names) and ``images_name`` only make error messages precise.
     """
+    from vision.ensemble.detections import ImageTable, check_detections, from_dicts, fuse_detections
+
     if method not in METHODS:
         raise VisionError(f"unknown fusion method '{method}', choose one of {', '.join(METHODS)}")
     n_models = len(results)
     if weights is not None and len(weights) != n_models:
         raise VisionError(f"{len(weights)} model weights given for {n_models} detection files")
     names = list(names) if names is not None else [f"detections {t}" for t in range(n_models)]
-    per_image: dict[int, list[list[dict]]] = defaultdict(lambda: [[] for _ in range(n_models)])
-    for t, dets in enumerate(results):
-        for d in dets:
-            if d["image_id"] not in image_sizes:
-                raise DataError(names[t], f"image id {d['image_id']!r} is not in {images_name}")
-            per_image[d["image_id"]][t].append(d)
-    order = [i for i in image_sizes if i in per_image]
-    w_model = np.ones(n_models) if weights is None else np.asarray(weights, dtype=np.float64)
-    out: list[dict] = []
-    for start in range(0, len(order), _BATCH_IMAGES):
-        chunk = order[start : start + _BATCH_IMAGES]
-        batch = [_to_arrays(per_image[i], image_sizes[i]) for i in chunk]
-        with warnings.catch_warnings():  # boxes reaching past the image border are clipped to it
-            warnings.filterwarnings("ignore", "box coordinates outside")
-            fused = fuse_batch(batch, method, weights, iou_thr, skip_score, **options)
-        for image_id, f in zip(chunk, fused):
-            width, height = image_sizes[image_id]
-            dets = per_image[image_id]
-            masks = _fused_masks(dets, f.members, len(f.scores), w_model, (height, width)) if fuse_segmentation else {}
-            for j in range(len(f.scores)):
-                x1, y1, x2, y2 = (float(v) for v in f.boxes[j])
-                det = {
-                    "image_id": image_id,
-                    "category_id": int(f.labels[j]),
-                    "bbox": [x1 * width, y1 * height, (x2 - x1) * width, (y2 - y1) * height],
-                    "score": float(f.scores[j]),
-                }
-                if j in masks:
-                    det["segmentation"] = masks[j]
-                out.append(det)
-    return out
-
-
-def _to_arrays(dets_by_model: list[list[dict]], size: tuple[int, int]):
-    width, height = size
-    scale = np.array([width, height, width, height], dtype=np.float64)
-    boxes, scores, labels = [], [], []
-    for dets in dets_by_model:
-        if not dets:
-            boxes.append(np.zeros((0, 4)))
-            scores.append(np.zeros(0))
-            labels.append(np.zeros(0, dtype=np.int64))
-            continue
-        b = np.array([d["bbox"] for d in dets], dtype=np.float64)
-        b[:, 2:] += b[:, :2]
-        boxes.append(b / scale)
-        scores.append(np.array([d["score"] for d in dets], dtype=np.float64))
-        labels.append(np.array([d["category_id"] for d in dets], dtype=np.int64))
-    return boxes, scores, labels
+    table = ImageTable.from_sizes(image_sizes, images_name)
+    with gc_paused():
+        models = [check_detections(from_dicts(r, n), n, table.ids, None, images_name)[0]
+                  for r, n in zip(results, names)]
+        fused, _ = fuse_detections(models, table, method, weights, iou_thr, skip_score, fuse_segmentation,
+                                   **options)
+        return fused.to_dicts()
 
 
 def _decode(seg, height: int, width: int) -> np.ndarray:
@@ -174,18 +226,21 @@ def _decode(seg, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
-def _fused_masks(dets, members, n_out: int, w_model: np.ndarray, shape: tuple[int, int]) -> dict[int, dict]:
-    """Score-weighted mean of the member masks of each fused detection, as RLE (where any member has one)."""
+def fused_masks(members_in, members, n_out: int, w_model: np.ndarray, shape: tuple[int, int]) -> dict[int, dict]:
+    """Score-weighted mean of the member masks of each fused detection, as RLE (where any member has one).
+
+    ``members_in[t]`` is model ``t``'s (scores, segmentations) for the image; ``members[t]`` the output
+    row each of those detections went to."""
     from pycocotools import mask as mask_utils
 
     acc: dict[int, np.ndarray] = {}
     total = np.zeros(n_out)
-    for t, (model_dets, dest) in enumerate(zip(dets, members)):
-        for d, j in zip(model_dets, dest):
-            if j < 0 or "segmentation" not in d:
+    for t, ((scores, segs), dest) in enumerate(zip(members_in, members)):
+        for s, seg, j in zip(scores.tolist(), segs, dest.tolist()):
+            if j < 0 or seg is None:
                 continue
-            coef = float(d["score"]) * w_model[t]
-            m = _decode(d["segmentation"], *shape).astype(np.float64)
+            coef = s * w_model[t]
+            m = _decode(seg, *shape).astype(np.float64)
             acc[j] = acc[j] + coef * m if j in acc else coef * m
             total[j] += coef
     out = {}
@@ -198,9 +253,46 @@ def _fused_masks(dets, members, n_out: int, w_model: np.ndarray, shape: tuple[in
 
 
 def write_json(path: str | os.PathLike, data) -> None:
-    """Write JSON, creating the parent folder."""
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f)
+    """Write strict JSON atomically (a failure leaves any old file as it was), creating the parent folder.
+
+    msgspec writes a NaN or infinite float as ``null``; callers that may hold such values check them first.
+    """
+    payload = msgspec.json.encode(data)
+    with atomic_write(path, "wb") as f:
+        f.write(payload)
+
+
+def write_detections(path: str | os.PathLike, dets) -> None:
+    """Write ``Detections`` as a COCO results file (atomically); they must be finite (strict JSON).
+
+    Without masks no dict is built: msgspec prints each column as one array (its floats as the shortest
+    text that reads back to the same bits), and the rows' pieces are interleaved with the keys by one
+    ``bytes.join``.
+    """
+    finite = np.isfinite(dets.bbox).all() and np.isfinite(dets.score).all()
+    if not finite:
+        raise ValueError("detections to write must be finite")
+    if dets.segmentation is not None or len(dets) == 0:
+        with gc_paused():
+            write_json(path, dets.to_dicts())
+        return
+    n = len(dets)
+
+    def pieces(a: np.ndarray) -> list[bytes]:
+        return msgspec.json.encode(a.tolist())[1:-1].split(b",")
+
+    with gc_paused():
+        parts: list[bytes] = [b""] * (8 * n)
+        parts[0::8] = [b'},{"image_id":'] * n
+        parts[0] = b'[{"image_id":'
+        parts[1::8] = pieces(dets.image_id)
+        parts[2::8] = [b',"category_id":'] * n
+        parts[3::8] = pieces(dets.category_id)
+        parts[4::8] = [b',"bbox":['] * n
+        parts[5::8] = msgspec.json.encode(dets.bbox.tolist())[2:-2].split(b"],[")
+        parts[6::8] = [b'],"score":'] * n
+        parts[7::8] = pieces(dets.score)
+        parts.append(b"}]")
+        payload = b"".join(parts)
+    with atomic_write(path, "wb") as f:
+        f.write(payload)
