@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from vision.data.annotation_checks import compressed_counts
+from vision.data.annotation_checks import compressed_runs
 from vision.data.coco import read_coco, segmentation_to_mask
 from vision.data.voc import read_voc
 from vision.data.yolo import read_class_names, read_yolo
@@ -104,19 +104,31 @@ def test_valid_segmentations_still_load_as_pycocotools_reads_them(tmp_path):
     assert r.segmentations[3] is None
 
 
-def test_compressed_counts_match_pycocotools():
-    # the decoder behind the RLE check, against pycocotools' own encoder and decoder
+def test_compressed_rle_decoding_matches_pycocotools():
+    # the decoder behind the RLE check, against pycocotools' own encoder and decoder, many strings at once
     rng = np.random.default_rng(0)
+    masks, strings = [], []
     for t in range(200):
         h, w = rng.integers(1, 70, 2)
         mask = rng.random((h, w)) < rng.random() if t % 2 else np.zeros((h, w), bool)
         if t % 4 == 0:
             mask[rng.integers(0, h):, rng.integers(0, w):] = True  # long runs: multi-group counts
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        counts = compressed_counts(rle["counts"])
+        if t == 7:
+            mask = np.ones((300, 300), bool)  # one run of 90000: four 5-bit groups
+        masks.append(mask)
+        strings.append(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"])
+    runs, owner, malformed = compressed_runs(strings)
+    assert not malformed.any()
+    for k, mask in enumerate(masks):
+        counts = runs[owner == k]
+        h, w = mask.shape
         assert counts.sum() == h * w
         flat = np.repeat(np.arange(len(counts)) % 2, counts).astype(np.uint8)
-        np.testing.assert_array_equal(flat.reshape(w, h).T, mask_utils.decode(rle))
+        np.testing.assert_array_equal(flat.reshape(w, h).T, mask_utils.decode({"size": [h, w], "counts": strings[k]}))
+    # one malformed string among good ones is flagged alone, and does not disturb its neighbours
+    runs, owner, malformed = compressed_runs([strings[0], b"1P", strings[1], b"", strings[2]])
+    assert malformed.tolist() == [False, True, False, True, False]
+    assert runs[owner == 4].sum() == masks[2].size
 
 
 @pytest.mark.parametrize(

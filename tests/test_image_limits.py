@@ -208,3 +208,27 @@ def test_over_limit_mask_is_a_data_error_naming_the_mask(tmp_path):
         _read_mask_file(str(mask))
     assert not isinstance(e.value, ImageReadError)  # a bad mask stops the run, it is not skipped
     assert str(e.value).startswith(f"{mask}: not a readable mask image (image is 40000x40000")
+
+
+def _encoded(fmt: str, size=(37, 23), mode="RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def test_fast_header_sizes_match_pil(shared_data, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL as the reference, on the huge headers too
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    samples = [
+        _encoded("JPEG"), _encoded("JPEG", progressive=True), _encoded("JPEG", exif=exif.tobytes()),
+        _encoded("JPEG", (640, 1), icc_profile=b"\x00" * 5000), _encoded("JPEG", mode="L", size=(1, 999)),
+        _encoded("PNG"), _encoded("PNG", mode="RGBA"), _encoded("PNG", mode="I;16", size=(300, 2)),
+        jpeg_declaring(65535, 65535), png_header(40000, 3),
+    ]
+    real = sorted(shared_data.glob("bccd/JPEGImages/*.jpg"))[:20] + sorted(shared_data.glob("raccoon/**/*.jp*g"))[:40]
+    samples += [p.read_bytes() for p in real]
+    for data in samples:
+        with Image.open(io.BytesIO(data)) as im:
+            assert image_io._png_or_jpeg_size(data) == im.size
+    assert image_io._png_or_jpeg_size(_encoded("BMP")) is None  # other formats go through PIL

@@ -95,12 +95,15 @@ RULES: dict[str, tuple[Check, str]] = {
 
 # list-valued keys: every item, and whether the list may be empty
 ITEM_RULES: dict[str, tuple[Check, str, bool]] = {
-    "model.min_size": (*_at_least(1), False),
+    "model.min_size": (*_at_least(1), True),  # [] is semantic_fpn's "each image at its own size"
     "model.aspect_ratios": (*_above(0.0), False),
     "model.out_indices": (lambda v: isinstance(v, int), "an integer", False),
     "data.augment.scale": (*_above(0.0), False),
     "train.steps": (*_above(0.0), True),
 }
+
+
+_RESIZING_ARCHS = ("retinanet", "faster_rcnn", "mask_rcnn")  # torchvision's transform draws from min_size
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -135,6 +138,11 @@ def validate_config(cfg: Any) -> Any:
 
 def _check_special(cfg: Any) -> None:
     t, d, m = cfg.train, cfg.data, cfg.model
+    if not m.min_size and m.arch in _RESIZING_ARCHS:
+        raise ConfigError(
+            f"config key 'model.min_size' must not be an empty list for model.arch={m.arch}"
+            " (only semantic_fpn takes [] for images at their own size)"
+        )
     if t.max_iters is None and t.epochs < 1:
         # the trainer would run max(1, epochs) epochs: say so instead of training one epoch
         raise ConfigError(f"config key 'train.epochs' must be >= 1 (or set train.max_iters), got {t.epochs}")

@@ -40,8 +40,16 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
+_BIG = 2**1023  # a JSON integer this large is no coordinate (and not convertible to a float)
+
+
 def finite_number(x: Any) -> bool:
     """An int or float (not a bool) that is finite; huge JSON integers count as not finite."""
+    t = type(x)  # the exact types json gives, tested first: this runs for every bbox number
+    if t is float:
+        return x - x == 0.0  # False for inf and nan
+    if t is int:
+        return -_BIG < x < _BIG
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
     try:
@@ -110,37 +118,81 @@ def polygons_problem(seg: list) -> str | None:
     return None
 
 
-def compressed_counts(s: str | bytes) -> np.ndarray | None:
-    """The run lengths of a pycocotools compressed RLE string (its ``rleFrString``), or None if malformed.
+def compressed_runs(strings: list[str | bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decodes many pycocotools compressed RLE strings at once (its ``rleFrString``, vectorised).
 
-    Each count is 5-bit groups ('0' + value), 0x20 marking "more", the last group's 0x10 the sign;
-    from the fourth count on, each is stored as the difference to the count two before it.
+    Returns ``(runs, owner, malformed)``: every run length in order, the index of the string each
+    belongs to, and per string whether it is malformed (a character outside '0'..'o', a count of more
+    than 35 bits, or an unfinished last count, which pycocotools would read past).  Each count is 5-bit
+    groups ('0' + value), 0x20 marking "more", the last group's 0x10 the sign; from the fourth count on,
+    each is stored as the difference to the count two before it.  One pass over all strings of a data
+    set costs what a handful of per-string calls would.
     """
-    data = np.frombuffer(s.encode("latin-1") if isinstance(s, str) else bytes(s), np.uint8)
-    if not len(data) or data.min() < _RLE_FIRST or data.max() > _RLE_LAST:
-        return None
-    c = data.astype(np.int64) - _RLE_FIRST
+    n = len(strings)
+    lengths = np.fromiter((len(x) for x in strings), np.int64, n)
+    malformed = lengths == 0
+    if all(type(x) is str for x in strings):  # one join and one encode; '?' (invalid) for wide characters
+        joined = "".join(strings).encode("latin-1", errors="replace")
+    else:
+        joined = b"".join(x.encode("latin-1", errors="replace") if isinstance(x, str) else bytes(x) for x in strings)
+    c = np.frombuffer(joined, np.uint8).astype(np.int64) - _RLE_FIRST
+    if not len(c):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), malformed
+    owner_of_char = np.repeat(np.arange(n), lengths)
+    bad_char = (c < 0) | (c > 63)
+    c[bad_char] = 0
     more = (c & 0x20) != 0
-    if more[-1]:
-        return None  # the last count is unfinished: pycocotools would read past the string
+    last = np.cumsum(lengths)[lengths > 0] - 1
+    malformed |= np.bincount(owner_of_char[bad_char], minlength=n) > 0
+    malformed[lengths > 0] |= more[last]
+    more[last] = False  # a count never runs into the next string
     ends = np.flatnonzero(~more)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    pos = np.arange(len(c)) - np.repeat(starts, ends - starts + 1)  # 5-bit group index within its count
-    if pos.max() > 6:
-        return None  # more than 35 bits: not a count of any image
+    groups = ends - starts + 1
+    malformed |= np.bincount(owner_of_char[ends[groups > 7]], minlength=n) > 0
+    pos = np.minimum(np.arange(len(c)) - np.repeat(starts, groups), 6)
     x = np.add.reduceat((c & 0x1F) << (5 * pos), starts)
     negative = (c[ends] & 0x10) != 0
-    x = np.where(negative, x - (1 << (5 * (pos[ends] + 1))), x)
-    counts = x.copy()
-    # pycocotools: ``if (m > 2) x += cnts[m - 2]``, so counts 0, 1 and 2 are absolute.
-    for first in (3, 4):
-        if len(counts) > first:
-            counts[first - 2::2] = np.cumsum(np.concatenate([[counts[first - 2]], x[first::2]]))
-    return counts
+    x[negative] -= np.int64(1) << (5 * np.minimum(groups[negative], 7))
+    owner = owner_of_char[ends]
+    per_string = np.bincount(owner, minlength=n)
+    first = np.cumsum(per_string) - per_string  # index of each string's first count
+    index = np.arange(len(x)) - np.repeat(first, per_string)  # position of each count in its string
+    # pycocotools: ``if (m > 2) x += cnts[m - 2]``: counts 1, 3, 5, ... and 2, 4, 6, ... are running sums
+    runs = x.copy()
+    for parity in (0, 1):
+        chain = (index % 2 == parity) & (index > 0)
+        total = np.cumsum(np.where(chain, x, 0))
+        before = np.where(first > 0, total[np.maximum(first - 1, 0)], 0)  # the sums of earlier strings
+        runs[chain] = total[chain] - before[owner[chain]]
+    return runs, owner, malformed
 
 
-def rle_problem(seg: dict, height: int, width: int) -> str | None:
-    """A COCO RLE dict: ``size`` [height, width] of the image, ``counts`` summing to height * width."""
+def compressed_rle_problems(strings: list[str | bytes], sizes: list[tuple[int, int]]) -> list[str | None]:
+    """For each compressed RLE string, what is wrong with it for its image's (height, width), or None."""
+    runs, owner, malformed = compressed_runs(strings)
+    n = len(strings)
+    has_negative = np.bincount(owner[runs < 0], minlength=n) > 0
+    covered = np.zeros(n, np.int64)
+    np.add.at(covered, owner, runs)
+    out: list[str | None] = []
+    for k in range(n):
+        if malformed[k]:
+            out.append("segmentation RLE counts is not a valid compressed RLE string")
+        elif has_negative[k]:
+            out.append("segmentation RLE counts decode to a negative run length")
+        elif covered[k] != sizes[k][0] * sizes[k][1]:
+            h, w = sizes[k]
+            out.append(f"segmentation RLE counts cover {int(covered[k])} pixels, not the image's {h}x{w} = {h * w}")
+        else:
+            out.append(None)
+    return out
+
+
+def rle_problem(seg: dict, height: int, width: int, check_compressed: bool = True) -> str | None:
+    """A COCO RLE dict: ``size`` [height, width] of the image, ``counts`` summing to height * width.
+
+    ``check_compressed=False`` leaves a compressed string's counts to ``compressed_rle_problems``."""
     for key in ("counts", "size"):
         if key not in seg:
             return f"segmentation RLE has no '{key}'"
@@ -156,12 +208,9 @@ def rle_problem(seg: dict, height: int, width: int) -> str | None:
             return f"segmentation RLE counts hold {describe(bad)}, not a run length"
         total = sum(counts)
     elif isinstance(counts, (str, bytes)):
-        runs = compressed_counts(counts)
-        if runs is None:
-            return "segmentation RLE counts is not a valid compressed RLE string"
-        if (runs < 0).any():
-            return "segmentation RLE counts decode to a negative run length"
-        total = int(runs.sum())
+        if not check_compressed:
+            return None  # the caller checks all compressed strings of its file at once
+        return compressed_rle_problems([counts], [(height, width)])[0]
     else:
         return f"segmentation RLE counts must be a list of run lengths or a compressed string, got {describe(counts)}"
     if total != height * width:
@@ -169,12 +218,12 @@ def rle_problem(seg: dict, height: int, width: int) -> str | None:
     return None
 
 
-def segmentation_problem(seg: Any, height: int, width: int) -> str | None:
+def segmentation_problem(seg: Any, height: int, width: int, check_compressed: bool = True) -> str | None:
     """What is wrong with a COCO segmentation (polygons or RLE) for an image of this size, or None."""
     if isinstance(seg, list):
         return polygons_problem(seg)
     if isinstance(seg, dict):
-        return rle_problem(seg, height, width)
+        return rle_problem(seg, height, width, check_compressed)
     if isinstance(seg, str):
         return "segmentation is a string (expected polygons or an RLE object)"
     return f"segmentation must be polygons or an RLE object, got {describe(seg)}"

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from vision.atomic import atomic_write
-from vision.data.annotation_checks import describe, file_name_problem, finite_number, flag, integer_id, segmentation_problem
+from vision.data.annotation_checks import (
+    compressed_rle_problems,
+    describe,
+    file_name_problem,
+    finite_number,
+    flag,
+    integer_id,
+    segmentation_problem,
+)
 from vision.data.records import Categories, DetectionSet, ImageRecord
 from vision.errors import DataError
 
@@ -187,22 +195,24 @@ def coco_to_detection_set(
                 raise DataError(path, f"{where}: {key} must be 0 or 1, got {describe(ann[key])}")
         by_image[image_id].append((index, ann))
 
-    records: list[ImageRecord] = []
-    dropped: list[str] = []
+    sizes = {}
     for img in images:
         width, height = _positive_int(img.get("width")), _positive_int(img.get("height"))
         if width is None or height is None:
             raise DataError(path, f"image {img['id']} ({img['file_name']}): width and height must be positive integers")
+        sizes[img["id"]] = (height, width)
+    _check_segmentations(annotations, sizes, file_names, path)
+
+    records: list[ImageRecord] = []
+    dropped: list[str] = []
+    for img in images:
+        height, width = sizes[img["id"]]
         anns = [ann for _, ann in by_image[img["id"]]]
         boxes, labels, crowd, difficult, segs = [], [], [], [], []
         for index, ann in by_image[img["id"]]:
             where = f"{_annotation_name(ann, index)} (image {img['file_name']!r})"
             seg = ann.get("segmentation")
-            if seg is not None and seg != [] and seg != {}:
-                problem = segmentation_problem(seg, height, width)
-                if problem:
-                    raise DataError(path, f"{where}: {problem}")
-            else:
+            if seg is None or seg == [] or seg == {}:
                 seg = None
             bbox = ann.get("bbox")
             if bbox is None and seg is not None:
@@ -236,6 +246,43 @@ def coco_to_detection_set(
         )
         records.append(record.select(keep))
     return DetectionSet(cats, records, source=str(path), dropped=dropped)
+
+
+def _check_segmentations(
+    annotations: list[dict[str, Any]], sizes: dict[int, tuple[int, int]], file_names: dict[int, str], path: str
+) -> None:
+    """The first bad segmentation in file order is a DataError; compressed RLE strings are decoded
+    together, in one vectorised pass over the file."""
+    compressed: list[int] = []
+    for index, ann in enumerate(annotations):
+        seg = ann.get("segmentation")
+        if seg is None or seg == [] or seg == {}:
+            continue
+        height, width = sizes[ann["image_id"]]
+        problem = segmentation_problem(seg, height, width, check_compressed=False)
+        if problem is None and isinstance(seg, dict) and isinstance(seg["counts"], (str, bytes)):
+            compressed.append(index)
+            continue
+        if problem:
+            _raise_first_segmentation_problem(annotations, compressed, sizes, file_names, path, (index, problem))
+    _raise_first_segmentation_problem(annotations, compressed, sizes, file_names, path, None)
+
+
+def _raise_first_segmentation_problem(
+    annotations: list[dict[str, Any]], compressed: list[int], sizes: dict[int, tuple[int, int]],
+    file_names: dict[int, str], path: str, found: tuple[int, str] | None,
+) -> None:
+    """Raises for the earliest problem: ``found`` or one of the compressed RLEs read before it."""
+    strings = [annotations[i]["segmentation"]["counts"] for i in compressed]
+    problems = compressed_rle_problems(strings, [sizes[annotations[i]["image_id"]] for i in compressed])
+    bad = [(i, p) for i, p in zip(compressed, problems) if p]
+    if found is not None:
+        bad.append(found)
+    if bad:
+        index, problem = min(bad)
+        ann = annotations[index]
+        where = f"{_annotation_name(ann, index)} (image {file_names[ann['image_id']]!r})"
+        raise DataError(path, f"{where}: {problem}")
 
 
 def bbox_text(bbox: Any) -> str:

@@ -152,8 +152,54 @@ def _check_jpeg_end(data: bytes, path: str | os.PathLike) -> None:
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG frame headers (SOF0..SOF15 less DHT C4, JPG C8 and DAC CC) carry the image size
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _png_or_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read straight from a PNG's IHDR or a JPEG's frame header, None for anything else.
+
+    The two formats nearly every data set uses, parsed in microseconds; PIL's ``Image.open`` spends
+    about half a millisecond on a JPEG's markers, a sixth of decoding a 640x480 photo.  Tests check the
+    sizes against PIL's.
+    """
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    if not data.startswith(_JPEG_START):
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        if marker in _JPEG_SOF:
+            if length < 7 or i + 9 > n:
+                return None
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return (width, height) if height else None  # height 0: defined later (DNL), let PIL judge
+        i += 2 + length
+    return None
+
+
 def _check_header(data: bytes, path: str | os.PathLike) -> None:
     """The pixel limit, from the header; files PIL cannot identify are left for OpenCV to judge."""
+    size = _png_or_jpeg_size(data)
+    if size is not None:
+        if size[0] == 0 or size[1] == 0:
+            raise ImageReadError(path, f"image has no pixels ({size[0]}x{size[1]})")
+        check_image_pixels(size[0], size[1], path)
+        return
     try:
         _open_header(io.BytesIO(data), path).close()
     except UnidentifiedImageError:
