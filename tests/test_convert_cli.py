@@ -116,7 +116,7 @@ def test_bad_input_gives_exit_2_and_one_line_naming_the_file(tmp_path, capsys, c
         bad = _write(tmp_path / "a.json", json.dumps({"images": [img], "categories": cats, "annotations": [
             {"id": 5, "image_id": 1, "category_id": 4, "bbox": [0, 0, 1, 1]}]}))
         argv = ["eval-dets", "--gt", str(bad), "--dets", str(bad)]
-        expect = "annotation 5: category_id 4 is not in 'categories'"
+        expect = "annotation 5 (image 'a.jpg'): category_id 4 is not in 'categories'"
     elif case == "voc_no_size":
         bad = _write(tmp_path / "ann" / "a.xml", "<annotation><filename>a.jpg</filename></annotation>")
         argv = ["convert", "--from", "voc", "--labels", str(bad.parent), "--images", str(tmp_path), "--out", str(tmp_path / "o.json")]
@@ -141,3 +141,29 @@ def test_console_script_reports_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: invalid JSON at line 1, column 2: Expecting property name enclosed in double quotes"
+
+
+def test_convert_does_not_pass_bad_annotations_through(tmp_path, capsys):
+    img = {"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}
+    cats = [{"id": 1, "name": "x"}]
+    out = tmp_path / "o.json"
+    out.write_text("previous output")
+    bad = _write(tmp_path / "a.json", json.dumps({"images": [img], "categories": cats, "annotations": [
+        {"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "segmentation": [0, 0, 2, 0, 2, 2]}]}))
+    argv = ["convert", "--from", "coco", "--labels", str(bad), "--images", str(tmp_path), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {bad}: annotation 5 (image 'a.jpg'): segmentation is a flat list of 6 numbers" \
+        " (expected a list of polygons [[x1, y1, x2, y2, ...]])\n"
+    assert out.read_text() == "previous output"  # nothing already written is lost
+
+
+def test_convert_outside_paths_only_on_purpose(tmp_path, capsys):
+    img = {"id": 1, "file_name": "../elsewhere/a.jpg", "width": 8, "height": 8}
+    src = _write(tmp_path / "a.json", json.dumps({"images": [img], "categories": [{"id": 1, "name": "x"}],
+                                                   "annotations": []}))
+    argv = ["convert", "--from", "coco", "--labels", str(src), "--images", str(tmp_path), "--out", str(tmp_path / "o.json")]
+    assert main(argv) == 2
+    assert "file_name '../elsewhere/a.jpg' leads out of the image folder" in capsys.readouterr().err
+    assert main([*argv, "--allow-outside-paths"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["images"][0]["file_name"] == "../elsewhere/a.jpg"

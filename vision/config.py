@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from vision.atomic import atomic_write
+from vision.config_checks import validate_config
 from vision.errors import ConfigError
 
 
@@ -37,6 +39,8 @@ class SplitConfig:
     images: str = ""
     ids: str | None = None
     names: str | None = None
+    # COCO / VOC: accept image file names that are absolute or climb out of `images` with '..'
+    allow_outside_paths: bool = False
 
 
 @dataclass
@@ -188,16 +192,25 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml_tree(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML config and the ``_base_`` files it names, later files overriding earlier ones."""
+def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a YAML config and the ``_base_`` files it names, later files overriding earlier ones.
+
+    A file that includes itself, directly or through others, is a ``ConfigError`` naming the loop.
+    """
     path = Path(path)
+    key = path.resolve()
+    if key in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain[_chain.index(key):], key))
+        raise ConfigError(f"{path}: _base_ includes itself ({loop})")
     data = _read_yaml(path)
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a file name or a list of file names, got {bases!r}")
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = _merge(merged, load_yaml_tree(path.parent / base))
+        merged = _merge(merged, load_yaml_tree(path.parent / base, (*_chain, key)))
     return _merge(merged, data)
 
 
@@ -284,7 +297,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data)
+    """A checked ``Config``: types as the dataclasses declare them, values in their ranges."""
+    return validate_config(_build(Config, data))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -300,7 +314,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Writes the resolved config, so a run can be reproduced without the files it came from."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    with atomic_write(path, "w") as f:
+        f.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def resolve_path(root: str, path: str | None) -> str | None:

@@ -18,18 +18,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", help="class names, one per line (required for YOLO; fixes the order for VOC)")
     parser.add_argument("--ids", help="VOC: an ImageSets list file choosing which XML files to convert")
     parser.add_argument("--out", required=True, help="COCO JSON to write")
+    parser.add_argument(
+        "--allow-outside-paths", action="store_true",
+        help="COCO / VOC: accept image file names that are absolute or lead out of --images with '..'",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     names = read_class_names(args.names) if args.names else None
     if args.fmt == "voc":
-        det_set = read_voc(args.labels, args.images, ids_file=args.ids, class_names=names)
+        det_set = read_voc(
+            args.labels, args.images, ids_file=args.ids, class_names=names,
+            allow_outside_paths=args.allow_outside_paths,
+        )
     elif args.fmt == "yolo":
         if names is None:
             raise VisionError("--from yolo needs --names (a file with one class name per line, or data.yaml)")
         det_set = read_yolo(args.labels, args.images, names)
     else:
-        det_set = read_coco(args.labels, args.images)
+        det_set = read_coco(args.labels, args.images, allow_outside_paths=args.allow_outside_paths)
     for line in det_set.dropped:
         print(f"dropped {line}")
     for line in det_set.skipped_images:

@@ -24,10 +24,14 @@ def read_split(split: SplitConfig, root: str = "", class_names: list[str] | None
     images = resolve_path(root, split.images)
     if not ann:
         raise ConfigError("data split has no 'ann' (annotation file or folder)")
+    outside = split.allow_outside_paths
     if split.format == "coco":
-        return read_coco(ann, images or None)
+        return read_coco(ann, images or None, allow_outside_paths=outside)
     if split.format == "voc":
-        return read_voc(ann, images or None, ids_file=resolve_path(root, split.ids), class_names=class_names)
+        return read_voc(
+            ann, images or None, ids_file=resolve_path(root, split.ids), class_names=class_names,
+            allow_outside_paths=outside,
+        )
     if split.format == "yolo":
         names = class_names or resolve_path(root, split.names)
         if not names:

@@ -109,10 +109,10 @@ def read_label_csv(
     """Rows ``path,label[,label...]``; class names sorted from the file unless ``class_names`` is given."""
     path = Path(path)
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             rows = [[c.strip() for c in row] for row in csv.reader(f)]
-    except OSError as e:
-        raise DataError(str(path), f"cannot read the label file ({e.strerror or e})") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(str(path), f"cannot read the label file ({getattr(e, 'strerror', None) or e})") from None
     rows = [r for r in rows if r and any(r)]
     if rows and rows[0][0].lower() in ("path", "file", "filename", "file_name", "image"):
         rows = rows[1:]

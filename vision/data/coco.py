@@ -15,9 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from vision.atomic import atomic_write
+from vision.data.annotation_checks import (
+    compressed_rle_problems,
+    describe,
+    file_name_problem,
+    finite_number,
+    flag,
+    integer_id,
+    segmentation_problem,
+)
 from vision.data.records import Categories, DetectionSet, ImageRecord
 from vision.errors import DataError
-from vision.atomic import atomic_write
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -102,74 +111,121 @@ def _require(entry: dict, keys: tuple[str, ...], path: str, what: str) -> None:
         raise DataError(path, f"{what}{ident} has no '{missing[0]}'")
 
 
+def _entries(data: dict[str, Any], key: str, path: str, what: str) -> list[dict[str, Any]]:
+    entries = data.get(key, [])
+    if not isinstance(entries, list):
+        raise DataError(path, f"'{key}' must be a list, got {describe(entries)}")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DataError(path, f"{what} at index {i} in '{key}' must be an object, got {describe(entry)}")
+    return entries
+
+
 def _positive_int(x: Any) -> int | None:
-    if _is_number(x) and x > 0 and float(x).is_integer():
+    if finite_number(x) and x > 0 and float(x).is_integer():
         return int(x)
     return None
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+def _annotation_name(ann: dict[str, Any], index: int) -> str:
+    return f"annotation {ann['id']}" if "id" in ann else f"annotation at index {index}"
+
+
+def _categories(categories: list[dict[str, Any]], path: str) -> Categories:
+    for c in categories:
+        _require(c, ("id",), path, "category")
+        if not integer_id(c["id"]):
+            raise DataError(path, f"category {c['id']!r}: id must be an integer, got {describe(c['id'])}")
+    try:
+        return Categories.from_coco(categories)
+    except ValueError as e:
+        raise DataError(path, str(e)) from None
+
+
+def _image_problem(img: dict[str, Any], allow_outside_paths: bool) -> str | None:
+    if not integer_id(img["id"]):
+        return f"id must be an integer, got {describe(img['id'])}"
+    return file_name_problem(img["file_name"], allow_outside_paths)
 
 
 def coco_to_detection_set(
-    data: dict[str, Any], path: str, images_dir: str | os.PathLike | None = None
+    data: dict[str, Any], path: str, images_dir: str | os.PathLike | None = None, *,
+    allow_outside_paths: bool = False,
 ) -> DetectionSet:
-    """Validates a parsed COCO dict and turns it into records (boxes clipped, zero-area boxes dropped)."""
+    """Validates a parsed COCO dict and turns it into records (boxes clipped, zero-area boxes dropped).
+
+    Every entry is checked as it is read (types of ids, file names, bbox numbers, polygons and RLE
+    masks against the image size), and the first bad one is a ``DataError`` naming the entry and its
+    image.  Image file names must stay inside ``images_dir`` unless ``allow_outside_paths``.
+    """
     if not isinstance(data, dict) or "images" not in data:
         raise DataError(path, "not a COCO data set (no 'images' list)")
-    images = data["images"]
-    annotations = data.get("annotations", [])
-    categories = data.get("categories", [])
-    if not isinstance(images, list) or not isinstance(annotations, list) or not isinstance(categories, list):
-        raise DataError(path, "'images', 'annotations' and 'categories' must be lists")
-    for c in categories:
-        _require(c, ("id",), path, "category")
-    try:
-        cats = Categories.from_coco(categories)
-    except ValueError as e:
-        raise DataError(path, str(e)) from None
+    if not isinstance(data["images"], list):
+        raise DataError(path, f"'images' must be a list, got {describe(data['images'])}")
+    images = _entries(data, "images", path, "image")
+    annotations = _entries(data, "annotations", path, "annotation")
+    cats = _categories(_entries(data, "categories", path, "category"), path)
     images_dir = Path(images_dir) if images_dir else Path(path).parent
 
-    by_image: dict[int, list[dict]] = {}
-    image_ids = set()
+    by_image: dict[int, list[tuple[int, dict]]] = {}
     for img in images:
         _require(img, ("id", "file_name"), path, "image")
-        if img["id"] in image_ids:
+        problem = _image_problem(img, allow_outside_paths)
+        if problem:
+            raise DataError(path, f"image {img['id']!r}: {problem}")
+        if img["id"] in by_image:
             raise DataError(path, f"image id {img['id']} appears twice in 'images'")
-        image_ids.add(img["id"])
         by_image[img["id"]] = []
-    for ann in annotations:
+    file_names = {img["id"]: img["file_name"] for img in images}
+    for index, ann in enumerate(annotations):
         _require(ann, ("image_id", "category_id"), path, "annotation")
-        if ann["image_id"] not in image_ids:
-            raise DataError(path, f"annotation {ann.get('id', '?')}: image_id {ann['image_id']} is not in 'images'")
-        if not cats.has_id(ann["category_id"]):
-            raise DataError(
-                path, f"annotation {ann.get('id', '?')}: category_id {ann['category_id']} is not in 'categories'"
-            )
-        by_image[ann["image_id"]].append(ann)
+        name = _annotation_name(ann, index)
+        image_id = ann["image_id"]
+        if not integer_id(image_id) or image_id not in by_image:
+            shown = image_id if integer_id(image_id) else describe(image_id)
+            raise DataError(path, f"{name}: image_id {shown} is not in 'images'")
+        where = f"{name} (image {file_names[image_id]!r})"
+        cat = ann["category_id"]
+        if not integer_id(cat):
+            raise DataError(path, f"{where}: category_id must be an integer, got {describe(cat)}")
+        if not cats.has_id(cat):
+            raise DataError(path, f"{where}: category_id {cat} is not in 'categories'")
+        for key in ("iscrowd", "difficult"):
+            if key in ann and not flag(ann[key]):
+                raise DataError(path, f"{where}: {key} must be 0 or 1, got {describe(ann[key])}")
+        by_image[image_id].append((index, ann))
 
-    records: list[ImageRecord] = []
-    dropped: list[str] = []
+    sizes = {}
     for img in images:
         width, height = _positive_int(img.get("width")), _positive_int(img.get("height"))
         if width is None or height is None:
             raise DataError(path, f"image {img['id']} ({img['file_name']}): width and height must be positive integers")
-        anns = by_image[img["id"]]
+        sizes[img["id"]] = (height, width)
+    _check_segmentations(annotations, sizes, file_names, path)
+
+    records: list[ImageRecord] = []
+    dropped: list[str] = []
+    for img in images:
+        height, width = sizes[img["id"]]
+        anns = [ann for _, ann in by_image[img["id"]]]
         boxes, labels, crowd, difficult, segs = [], [], [], [], []
-        for ann in anns:
+        for index, ann in by_image[img["id"]]:
+            where = f"{_annotation_name(ann, index)} (image {img['file_name']!r})"
             seg = ann.get("segmentation")
+            if seg is None or seg == [] or seg == {}:
+                seg = None
             bbox = ann.get("bbox")
-            if bbox is None and seg:
+            if bbox is None and seg is not None:
                 bbox = _segmentation_box(seg, height, width)
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-                raise DataError(path, f"annotation {ann.get('id', '?')}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(finite_number(v) for v in bbox)):
+                shown = bbox_text(bbox)
+                raise DataError(path, f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {shown}")
             x, y, w, h = bbox
             boxes.append([x, y, x + w, y + h])
             labels.append(cats.label_of(ann["category_id"]))
             crowd.append(bool(ann.get("iscrowd", 0)))
             difficult.append(bool(ann.get("difficult", 0)))
-            segs.append(seg if seg else None)
+            segs.append(seg)
         box_arr = clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), width, height)
         keep = nonempty(box_arr)
         dropped += [
@@ -192,9 +248,57 @@ def coco_to_detection_set(
     return DetectionSet(cats, records, source=str(path), dropped=dropped)
 
 
-def read_coco(path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> DetectionSet:
+def _check_segmentations(
+    annotations: list[dict[str, Any]], sizes: dict[int, tuple[int, int]], file_names: dict[int, str], path: str
+) -> None:
+    """The first bad segmentation in file order is a DataError; compressed RLE strings are decoded
+    together, in one vectorised pass over the file."""
+    compressed: list[int] = []
+    for index, ann in enumerate(annotations):
+        seg = ann.get("segmentation")
+        if seg is None or seg == [] or seg == {}:
+            continue
+        height, width = sizes[ann["image_id"]]
+        problem = segmentation_problem(seg, height, width, check_compressed=False)
+        if problem is None and isinstance(seg, dict) and isinstance(seg["counts"], (str, bytes)):
+            compressed.append(index)
+            continue
+        if problem:
+            _raise_first_segmentation_problem(annotations, compressed, sizes, file_names, path, (index, problem))
+    _raise_first_segmentation_problem(annotations, compressed, sizes, file_names, path, None)
+
+
+def _raise_first_segmentation_problem(
+    annotations: list[dict[str, Any]], compressed: list[int], sizes: dict[int, tuple[int, int]],
+    file_names: dict[int, str], path: str, found: tuple[int, str] | None,
+) -> None:
+    """Raises for the earliest problem: ``found`` or one of the compressed RLEs read before it."""
+    strings = [annotations[i]["segmentation"]["counts"] for i in compressed]
+    problems = compressed_rle_problems(strings, [sizes[annotations[i]["image_id"]] for i in compressed])
+    bad = [(i, p) for i, p in zip(compressed, problems) if p]
+    if found is not None:
+        bad.append(found)
+    if bad:
+        index, problem = min(bad)
+        ann = annotations[index]
+        where = f"{_annotation_name(ann, index)} (image {file_names[ann['image_id']]!r})"
+        raise DataError(path, f"{where}: {problem}")
+
+
+def bbox_text(bbox: Any) -> str:
+    """A bad bbox value for a one-line message (JSON-ish, shortened)."""
+    try:
+        text = json.dumps(bbox, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(bbox)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_coco(
+    path: str | os.PathLike, images_dir: str | os.PathLike | None = None, *, allow_outside_paths: bool = False
+) -> DetectionSet:
     """Reads a COCO JSON file; images are looked up in ``images_dir`` (default: the file's folder)."""
-    return coco_to_detection_set(load_json(path), str(path), images_dir)
+    return coco_to_detection_set(load_json(path), str(path), images_dir, allow_outside_paths=allow_outside_paths)
 
 
 def record_annotations(record: ImageRecord, categories: Categories, first_id: int = 1) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from vision.config import AugmentConfig, Config, SplitConfig, resolve_path
 from vision.data.coco import read_coco, segmentation_to_mask
 from vision.data.dataset import load_first_readable
-from vision.data.image_io import IMAGE_SUFFIXES, read_image, read_image_size
+from vision.data.image_io import IMAGE_SUFFIXES, read_image, read_image_size, read_image_unchanged
 from vision.data.records import Categories, ImageRecord
 from vision.data.transforms import augment_ops
 from vision.errors import ConfigError, DataError, ImageReadError
@@ -84,9 +84,10 @@ class SemanticSet:
 def _read_mask_file(path: str) -> np.ndarray:
     if not Path(path).is_file():
         raise DataError(path, "mask file not found")
-    mask = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise DataError(path, "not a readable mask image")
+    try:
+        mask = read_image_unchanged(path)
+    except ImageReadError as e:  # a bad mask stops the run: it is a DataError, not an image to skip
+        raise DataError(path, f"not a readable mask image ({e.problem})") from None
     if mask.ndim == 3:
         if mask.shape[2] == 1 or (np.all(mask[..., :1] == mask[..., 1:3]) and mask.shape[2] in (3, 4)):
             mask = mask[..., 0]  # a grey PNG saved as RGB(A): every channel holds the label
@@ -128,9 +129,9 @@ def read_mask_folder(
     paths = sorted(p for p in images_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if ids_file:
         try:
-            wanted = {ln.strip() for ln in Path(ids_file).read_text().splitlines() if ln.strip()}
-        except OSError as e:
-            raise DataError(ids_file, f"cannot read id list ({e.strerror or e})") from None
+            wanted = {ln.strip() for ln in Path(ids_file).read_text(encoding="utf-8").splitlines() if ln.strip()}
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(ids_file, f"cannot read id list ({getattr(e, 'strerror', None) or e})") from None
         paths = [p for p in paths if p.relative_to(images_root).with_suffix("").as_posix() in wanted]
     items = []
     for i, p in enumerate(paths):
@@ -145,9 +146,9 @@ def read_mask_list(list_file: str, class_names: Sequence[str] | None) -> Semanti
     """``image mask`` per line (``#`` comments and blank lines skipped); paths relative to the file."""
     categories = _class_names(class_names, list_file)
     try:
-        lines = Path(list_file).read_text().splitlines()
-    except OSError as e:
-        raise DataError(list_file, f"cannot read list file ({e.strerror or e})") from None
+        lines = Path(list_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(list_file, f"cannot read list file ({getattr(e, 'strerror', None) or e})") from None
     base = Path(list_file).parent
     items = []
     for n, line in enumerate(lines, start=1):
@@ -164,9 +165,9 @@ def read_mask_list(list_file: str, class_names: Sequence[str] | None) -> Semanti
     return SemanticSet(categories, items, source=list_file)
 
 
-def read_coco_semantic(ann: str, images_dir: str | None = None) -> SemanticSet:
+def read_coco_semantic(ann: str, images_dir: str | None = None, allow_outside_paths: bool = False) -> SemanticSet:
     """COCO instances; class maps are rasterised per item when loaded."""
-    det_set = read_coco(ann, images_dir)
+    det_set = read_coco(ann, images_dir, allow_outside_paths=allow_outside_paths)
     items = [
         SemanticItem(r.image_id, r.path, record=r, classes=np.unique(r.labels[~r.iscrowd]))
         for r in det_set.records
@@ -180,7 +181,7 @@ def read_semantic_split(split: SplitConfig, root: str = "", class_names: Sequenc
     if not ann:
         raise ConfigError("data split has no 'ann' (mask folder, list file or COCO JSON)")
     if split.format == "coco":
-        return read_coco_semantic(ann, images or None)
+        return read_coco_semantic(ann, images or None, split.allow_outside_paths)
     if split.format == "masks":
         if not images:
             raise ConfigError("a 'masks' split needs 'images' (the image folder) beside 'ann' (the mask folder)")

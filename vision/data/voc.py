@@ -7,12 +7,14 @@ are shifted by one so that boxes become 0-based continuous coordinates (a 1-pixe
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
+from vision.data.annotation_checks import file_name_problem
 from vision.data.coco import bbox_list, clip_boxes, nonempty
 from vision.data.records import Categories, DetectionSet, ImageRecord
 from vision.errors import DataError
@@ -28,15 +30,27 @@ def _number(node: ET.Element, tag: str, path: str, what: str) -> float:
     if value is None:
         raise DataError(path, f"{what} has no <{tag}>")
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise DataError(path, f"{what}: <{tag}> is not a number ({value!r})") from None
+    if not math.isfinite(number):
+        raise DataError(path, f"{what}: <{tag}> is not a finite number ({value!r})")
+    return number
 
 
-def parse_voc_xml(path: str | os.PathLike) -> dict:
+def _size(node: ET.Element, tag: str, path: str) -> int:
+    value = _number(node, tag, path, "<size>")
+    if value <= 0 or not value.is_integer():
+        raise DataError(path, f"<size>: <{tag}> must be a positive whole number of pixels, got {_text(node, tag)!r}")
+    return int(value)
+
+
+def parse_voc_xml(path: str | os.PathLike, allow_outside_paths: bool = False) -> dict:
     """One VOC annotation file -> ``{filename, width, height, objects: [(name, xyxy, difficult)]}``.
 
     Boxes come back 0-based (``xmin``/``ymin`` minus one); degenerate ones are left as written.
+    Sizes must be positive whole numbers and coordinates finite (an ``inf`` would clip to a box
+    reaching the border); ``<filename>`` must stay inside the image folder unless ``allow_outside_paths``.
     """
     path = str(path)
     try:
@@ -45,13 +59,13 @@ def parse_voc_xml(path: str | os.PathLike) -> dict:
         raise DataError(path, "file not found") from None
     except ET.ParseError as e:
         raise DataError(path, f"invalid XML: {e}") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read file ({e.strerror or e})") from None
     size = root.find("size")
     if size is None:
         raise DataError(path, "missing <size> (image width and height)")
-    width = int(_number(size, "width", path, "<size>"))
-    height = int(_number(size, "height", path, "<size>"))
-    if width <= 0 or height <= 0:
-        raise DataError(path, f"<size> must be positive, got {width}x{height}")
+    width = _size(size, "width", path)
+    height = _size(size, "height", path)
     objects = []
     for k, obj in enumerate(root.findall("object")):
         what = f"object {k + 1}"
@@ -71,6 +85,9 @@ def parse_voc_xml(path: str | os.PathLike) -> dict:
         difficult = _text(obj, "difficult") in ("1", "true", "True")
         objects.append((name, xyxy, difficult))
     filename = _text(root, "filename") or Path(path).stem + ".jpg"
+    problem = file_name_problem(filename, allow_outside_paths)
+    if problem:
+        raise DataError(path, f"<filename>: {problem.replace('file_name ', '', 1)}")
     return {"filename": filename, "width": width, "height": height, "objects": objects}
 
 
@@ -80,6 +97,7 @@ def read_voc(
     *,
     ids_file: str | os.PathLike | None = None,
     class_names: list[str] | None = None,
+    allow_outside_paths: bool = False,
 ) -> DetectionSet:
     """Reads a folder of VOC XML files (or those an ImageSets list names).
 
@@ -91,15 +109,15 @@ def read_voc(
         raise DataError(ann_dir, "not a folder of VOC XML files")
     if ids_file is not None:
         try:
-            ids = [ln.split()[0] for ln in Path(ids_file).read_text().splitlines() if ln.strip()]
-        except OSError as e:
-            raise DataError(ids_file, f"cannot read image list ({e.strerror or e})") from None
+            ids = [ln.split()[0] for ln in Path(ids_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(ids_file, f"cannot read image list ({getattr(e, 'strerror', None) or e})") from None
         files = [ann_dir / f"{i}.xml" for i in ids]
     else:
         files = sorted(ann_dir.glob("*.xml"))
     if not files:
         raise DataError(ann_dir, "no .xml annotation files found")
-    parsed = [(f, parse_voc_xml(f)) for f in files]
+    parsed = [(f, parse_voc_xml(f, allow_outside_paths)) for f in files]
     if class_names is None:
         class_names = sorted({name for _, p in parsed for name, _, _ in p["objects"]})
     categories = Categories.from_names(class_names)

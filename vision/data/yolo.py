@@ -1,7 +1,9 @@
 """YOLO txt labels (+ an image folder) -> ``DetectionSet``.
 
 A label file holds one object per line, ``class cx cy w h`` normalised to [0, 1], or a polygon
-``class x1 y1 x2 y2 ...`` (the segmentation flavour).  The files carry no image sizes, so those are
+``class x1 y1 x2 y2 ...`` (the segmentation flavour).  A number outside [0, 1] (pixel coordinates
+written by mistake, a negative size, ``inf`` or ``nan``) is an error naming the file and line, as
+ultralytics rejects such files; a zero width or height is a zero-area box, dropped and reported.  The files carry no image sizes, so those are
 read from the image headers; an image that cannot be read is reported and skipped.  Class ``k`` becomes
 category id ``k + 1`` (COCO reserves 0 for nothing, and several tools treat it as background).
 """
@@ -24,9 +26,9 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     """Class names from a text file (one per line) or a YOLO ``data.yaml`` (``names`` list or dict)."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise DataError(path, f"cannot read class names ({e.strerror or e})") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot read class names ({getattr(e, 'strerror', None) or e})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             data = yaml.safe_load(text)
@@ -34,20 +36,37 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
             raise DataError(path, f"invalid YAML: {e}") from None
         names = data.get("names") if isinstance(data, dict) else None
         if isinstance(names, dict):
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in names):
+                raise DataError(path, "'names' keys must be class indices 0, 1, 2, ...")
             names = [names[k] for k in sorted(names)]
         if not isinstance(names, list):
             raise DataError(path, "no 'names' list in the YAML file")
-        return [str(n) for n in names]
-    names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        names = [str(n) for n in names]
+    else:
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not names:
         raise DataError(path, "no class names in the file")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:  # the second class of that name could never be told apart from the first
+            raise DataError(path, f"class name {name!r} appears twice")
+        seen.add(name)
     return names
+
+
+# Exporters round: a value a hair past 1 is the image border, not a pixel coordinate written by mistake.
+_SLACK = 1e-6
+_FIELD = {1: "cx", 2: "cy", 3: "width", 4: "height"}
 
 
 def parse_yolo_labels(path: Path, width: int, height: int, num_classes: int) -> tuple[list, list, list]:
     """One label file -> (xyxy pixel boxes, class indices, polygon-or-None per object)."""
     boxes, classes, polygons = [], [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot read label file ({getattr(e, 'strerror', None) or e})") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -63,6 +82,13 @@ def parse_yolo_labels(path: Path, width: int, height: int, num_classes: int) -> 
         if not cls.is_integer() or not 0 <= cls < num_classes:
             raise DataError(where, f"class index {fields[0]} is not in 0..{num_classes - 1}")
         coords = np.asarray(values[1:], np.float64)
+        bad = ~(np.isfinite(coords) & (coords >= -_SLACK) & (coords <= 1 + _SLACK))
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0]) + 1
+            raise DataError(
+                where, f"{_FIELD[k] if n == 5 else 'coordinate'} {fields[k]} is not a fraction of the image side"
+                " in [0, 1] (YOLO coordinates are normalised)"
+            )
         if n == 5:
             cx, cy, w, h = coords
             boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
