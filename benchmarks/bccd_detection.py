@@ -57,8 +57,8 @@ def evaluate_on_test(weights: Path, data: str, tta: bool = False) -> dict:
     from vision.data.coco import to_coco_dict
     from vision.data.image_io import read_image
     from vision.data.voc import read_voc
-    from vision.engine.coco_eval import prediction_to_results
-    from vision.engine.predictor import Predictor, load_model_for_inference
+    from vision.inference.predictor import Predictor, load_model_for_inference
+    from vision.metrics.coco import prediction_to_results
 
     model, cfg, categories = load_model_for_inference(weights)
     split = cfg.data.val
@@ -66,8 +66,8 @@ def evaluate_on_test(weights: Path, data: str, tta: bool = False) -> dict:
                     ids_file=resolve_path(data, split.ids), class_names=list(categories.names))
     predictor = Predictor(model, categories, device="auto")
     if tta:
-        from vision.engine.ensemble_predict import FusionSpec, fuse_predictions
-        from vision.engine.tta import TTAPredictor
+        from vision.inference.ensemble import FusionSpec, fuse_predictions
+        from vision.inference.tta import TTAPredictor
 
         predictor = TTAPredictor(predictor, lambda preds, size: fuse_predictions(preds, size, FusionSpec("wbf")))
     results = []

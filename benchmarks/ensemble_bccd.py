@@ -50,7 +50,7 @@ def train_model(data: str, minutes: float, iters: int | None, seed: int, backbon
 def test_set(data: str, weights: Path):
     from vision.config import resolve_path
     from vision.data.voc import read_voc
-    from vision.engine.predictor import load_model_for_inference
+    from vision.inference.predictor import load_model_for_inference
 
     _, cfg, categories = load_model_for_inference(weights)
     split = cfg.data.val
@@ -63,7 +63,7 @@ def predict_all(weights: Path, records) -> tuple[list[dict], object]:
     import torch
 
     from vision.data.image_io import read_image
-    from vision.engine.predictor import Predictor, load_model_for_inference
+    from vision.inference.predictor import Predictor, load_model_for_inference
 
     model, _, categories = load_model_for_inference(weights)
     predictor = Predictor(model, categories, device="auto")
@@ -76,7 +76,7 @@ def predict_all(weights: Path, records) -> tuple[list[dict], object]:
 
 
 def score(gt: dict, records, preds: list[dict], categories) -> tuple[float, float]:
-    from vision.engine.coco_eval import evaluate_coco, prediction_to_results
+    from vision.metrics.coco import evaluate_coco, prediction_to_results
 
     results = [r for rec, p in zip(records, preds) for r in prediction_to_results(rec.image_id, p, categories)]
     stats = evaluate_coco(gt, results)["bbox"]
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from vision.data.coco import to_coco_dict
-    from vision.engine.ensemble_predict import FusionSpec, fuse_predictions
+    from vision.inference.ensemble import FusionSpec, fuse_predictions
 
     if args.weights:
         weights = [Path(w) for w in args.weights]

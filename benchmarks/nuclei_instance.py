@@ -40,8 +40,8 @@ def predict_results(model, dataset, det_set, device, *, batch_size: int = 2, num
     from torch.utils.data import Subset
     from tqdm import tqdm
 
-    from vision.engine.coco_eval import prediction_to_results
     from vision.engine.trainer import predict_dataset
+    from vision.metrics.coco import prediction_to_results
 
     out: dict[int, list[dict[str, Any]]] = {}
     starts = range(0, len(dataset), batch_size)
@@ -57,7 +57,7 @@ def predict_results(model, dataset, det_set, device, *, batch_size: int = 2, num
 def evaluate_results(det_set, predictions: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     """Box and mask AP with pycocotools, up to ``MAX_DETS`` detections per image."""
     from vision.data.coco import to_coco_dict
-    from vision.engine.coco_eval import evaluate_coco
+    from vision.metrics.coco import evaluate_coco
 
     gt = to_coco_dict(det_set)
     results = [r for rs in predictions.values() for r in rs]
@@ -73,9 +73,9 @@ def mask_ap50(metrics: dict[str, Any] | None) -> float:
 
 def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_images: int | None = None) -> dict[str, Any]:
     from vision.config import load_config
-    from vision.engine.tasks import build_task
     from vision.engine.trainer import Trainer, setup_runtime
     from vision.models import build_model
+    from vision.tasks import build_task
 
     cfg = load_config(ROOT / "configs" / "nuclei_mask_rcnn.yaml",
                       [f"data.root={data}", f"train.time_budget_min={minutes}", f"output_dir={out}", *extra])

@@ -28,9 +28,9 @@ TARGET_NUCLEUS_IOU = 0.75
 
 def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_images: int | None = None) -> dict[str, Any]:
     from vision.config import load_config
-    from vision.engine.tasks import build_task
     from vision.engine.trainer import Trainer, setup_runtime
     from vision.models import build_model
+    from vision.tasks import build_task
 
     cfg = load_config(ROOT / "configs" / "nuclei_semantic.yaml",
                       [f"data.root={data}", f"train.time_budget_min={minutes}", f"output_dir={out}", *extra])

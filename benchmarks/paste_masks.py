@@ -56,7 +56,7 @@ def best_of(fn, rounds: int) -> float:
 def main() -> None:
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    from vision.engine.postprocess import paste_masks
+    from vision.inference.postprocess import paste_masks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "nuclei"))

@@ -241,8 +241,8 @@ def bench_inference(arch: str, images: list[torch.Tensor], rounds: int, bf16: bo
                     peak: float, ref: dict) -> dict[str, float]:
     """vision's engine against the torchvision figures in ``ref``: one line per batch size and precision;
     returns the float32 ratios by batch size."""
-    from vision.engine.inference import EngineOptions, cpu_has_native_bf16
-    from vision.engine.predictor import Predictor
+    from vision.inference.engine import EngineOptions, cpu_has_native_bf16
+    from vision.inference.predictor import Predictor
 
     cats = Categories(tuple(range(1, 91)), tuple(str(i) for i in range(1, 91)))
     engines = {"fp32": Predictor(vision_model(arch, ref["state_dict"]), cats, device="cpu", engine=EngineOptions())}
@@ -385,7 +385,7 @@ def main() -> None:
                         help="torchvision too keeps freed host memory (vision's allocator setting for both)")
     args = parser.parse_args()
     if args.retain_for_reference:
-        from vision.engine.host_memory import retain_freed_memory
+        from vision.runtime.host_memory import retain_freed_memory
 
         print(f"allocator setting for both: {retain_freed_memory()}", flush=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -18,14 +18,14 @@ from timm.layers import SelectAdaptivePool2d, SEModule
 from timm.loss import SoftTargetCrossEntropy
 
 from vision.config import ModelConfig
-from vision.engine.cls_metrics import (
+from vision.errors import VisionError
+from vision.metrics.classification import (
     average_precision,
     classification_metrics,
     confusion_matrix,
     multilabel_metrics,
     write_report,
 )
-from vision.errors import VisionError
 from vision.models import build_model
 from vision.models.classifier import Classifier
 from vision.models.weights import infer_arch, load_model_weights

@@ -12,7 +12,7 @@ from pycocotools.cocoeval import COCOeval
 from vision.cli import main
 from vision.data.coco import read_coco
 from vision.data.records import Categories
-from vision.engine.coco_eval import STAT_NAMES, evaluate_coco, evaluate_detections, prediction_to_results
+from vision.metrics.coco import STAT_NAMES, evaluate_coco, evaluate_detections, prediction_to_results
 
 
 def _random_set(seed=0, num_images=12):

@@ -15,8 +15,8 @@ from torch import nn
 
 from vision.cli import main
 from vision.config import Config, ModelConfig, config_to_dict
-from vision.engine.export import _example_image, _matched_gap, detection_output_names, export_model
-from vision.engine.predictor import load_model_for_inference
+from vision.inference.export import _example_image, _matched_gap, detection_output_names, export_model
+from vision.inference.predictor import load_model_for_inference
 from vision.models import build_model
 
 NAMES = ["cell", "dot", "ring"]

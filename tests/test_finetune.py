@@ -196,8 +196,8 @@ def test_freeze_backbone_trains_the_head_only_until_unfreeze_at(tmp_path) -> Non
 
 
 def test_tiny_classification_run_checkpoint_predict_and_report(tmp_path) -> None:
-    from vision.engine.cls_predict import evaluate_checkpoint, is_classifier_checkpoint, predict_images
     from vision.engine.trainer import train
+    from vision.inference.cls_predict import evaluate_checkpoint, is_classifier_checkpoint, predict_images
     from vision.models import load_checkpoint
 
     _colour_folder(tmp_path / "data")
@@ -223,8 +223,8 @@ def test_tiny_classification_run_checkpoint_predict_and_report(tmp_path) -> None
     # --amp (bfloat16 autocast here) gives the same classes; a precision the device lacks fails up front
     predict_images(best, paths, tmp_path / "pred_amp", device="cpu", amp=True)
     assert (tmp_path / "pred_amp" / "predictions.csv").read_text().count(",red,") == "\n".join(rows).count(",red,")
-    from vision.engine.inference import EngineOptions
     from vision.errors import ConfigError
+    from vision.inference.engine import EngineOptions
 
     with pytest.raises(ConfigError, match="fp16"):
         predict_images(best, paths, tmp_path / "pred_fp16", device="cpu", engine=EngineOptions(precision="fp16"))

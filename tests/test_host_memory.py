@@ -19,7 +19,7 @@ import pytest
 PROGRAM = """
 import ctypes, sys
 import torch
-from vision.engine.host_memory import retain_freed_memory
+from vision.runtime.host_memory import retain_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -86,7 +86,7 @@ def test_by_default_activations_are_mapped_and_returned() -> None:
 
 def test_retention_can_be_turned_off() -> None:
     env = dict(os.environ, VISION_RETAIN_FREED_MEMORY="0")
-    code = "from vision.engine.host_memory import retain_freed_memory; print(retain_freed_memory())"
+    code = "from vision.runtime.host_memory import retain_freed_memory; print(retain_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "False"

@@ -13,10 +13,10 @@ from torch import nn
 
 from vision.config import ModelConfig
 from vision.data.records import Categories
-from vision.engine.fold_bn import fold_batch_norms
-from vision.engine.inference import EngineOptions, aspect_groups, cpu_has_native_bf16, precision_dtype
-from vision.engine.predictor import Predictor
 from vision.errors import ConfigError
+from vision.inference.engine import EngineOptions, aspect_groups, cpu_has_native_bf16, precision_dtype
+from vision.inference.fold_bn import fold_batch_norms
+from vision.inference.predictor import Predictor
 from vision.models import build_model
 
 
@@ -255,7 +255,7 @@ def test_batched_retinanet_postprocess_equals_torchvisions() -> None:
     class-wise NMS and the per-image cap all exercised)."""
     from torchvision.models.detection import RetinaNet
 
-    from vision.engine.postprocess import batched_postprocess_detections
+    from vision.inference.postprocess import batched_postprocess_detections
 
     model = _detector("retinanet")
     model.detections_per_img = 150
@@ -291,7 +291,7 @@ def test_batched_roi_postprocess_equals_torchvisions() -> None:
     """The R-CNN box head's batched post-processing: torchvision's detections image by image."""
     from torchvision.models.detection.roi_heads import RoIHeads
 
-    from vision.engine.postprocess import batched_roi_postprocess_detections
+    from vision.inference.postprocess import batched_roi_postprocess_detections
 
     heads = _detector("faster_rcnn").roi_heads
     heads.detections_per_img = 40
@@ -315,7 +315,7 @@ def test_batched_proposal_filter_equals_torchvisions() -> None:
     """The RPN's batched proposal filter: torchvision's proposals and scores image by image."""
     from torchvision.models.detection.rpn import RegionProposalNetwork
 
-    from vision.engine.postprocess import batched_filter_proposals
+    from vision.inference.postprocess import batched_filter_proposals
 
     rpn = _detector("faster_rcnn").rpn.eval()
     rpn._post_nms_top_n = dict(rpn._post_nms_top_n, testing=120)
@@ -341,7 +341,7 @@ def test_paste_masks_equals_torchvisions() -> None:
     from torchvision.models.detection.roi_heads import paste_masks_in_image
     from torchvision.ops import clip_boxes_to_image
 
-    from vision.engine.postprocess import paste_masks
+    from vision.inference.postprocess import paste_masks
 
     g = torch.Generator().manual_seed(11)
     h, w = 90, 120
@@ -364,8 +364,8 @@ def test_paste_masks_equals_torchvisions() -> None:
 
 def test_engine_pastes_mask_rcnn_masks_as_torchvision() -> None:
     """The engine's Mask R-CNN pastes with ``paste_masks`` and gives the plain model's masks."""
-    from vision.engine.inference import optimize_for_inference
-    from vision.engine.postprocess import postprocess_with_paste_masks
+    from vision.inference.engine import optimize_for_inference
+    from vision.inference.postprocess import postprocess_with_paste_masks
 
     model = _detector("mask_rcnn")
     fast = optimize_for_inference(model, EngineOptions(fold_bn=False, channels_last=False))

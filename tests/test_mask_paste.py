@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import expand_boxes, paste_masks_in_image
 
-from vision.engine.postprocess import paste_masks
+from vision.inference.postprocess import paste_masks
 
 H, W = 90, 120
 

@@ -23,7 +23,7 @@ from vision.config import load_config
 from vision.data.coco import coco_to_detection_set
 from vision.data.dataset import DetectionDataset
 from vision.data.transforms import build_eval_transform
-from vision.engine.coco_eval import evaluate_detections
+from vision.metrics.coco import evaluate_detections
 from vision.models import build_model
 
 
@@ -182,7 +182,7 @@ def test_400_instances_train_and_predict(crowded_data):
 
 def test_ap_with_more_than_100_detections_per_image():
     """150 objects found exactly: AP is 1 at a 400-detection limit (COCO's 100 would cap recall)."""
-    from vision.engine.coco_eval import evaluate_coco
+    from vision.metrics.coco import evaluate_coco
 
     boxes = [[10.0 * (k % 15), 10.0 * (k // 15), 8.0, 8.0] for k in range(150)]
     gt = {"images": [{"id": 1, "file_name": "a.png", "width": 160, "height": 160}],

@@ -19,10 +19,10 @@ import torch
 
 from vision.cli import main
 from vision.data.records import Categories
-from vision.engine.ensemble_predict import FusionSpec, build_predictor, fuse_predictions
-from vision.engine.predictor import hierarchy_expander, predict_paths
 from vision.ensemble import Hierarchy, fuse_results
 from vision.errors import VisionError
+from vision.inference.ensemble import FusionSpec, build_predictor, fuse_predictions
+from vision.inference.predictor import hierarchy_expander, predict_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 

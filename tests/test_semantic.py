@@ -24,8 +24,8 @@ from vision.data.semantic import (
     read_mask_list,
     validate_set,
 )
-from vision.engine.semantic_eval import confusion_matrix, metrics_from_confusion
 from vision.errors import ConfigError, DataError
+from vision.metrics.semantic import confusion_matrix, metrics_from_confusion
 from vision.models import build_model
 from vision.models.semantic import dice_loss
 

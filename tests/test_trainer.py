@@ -429,8 +429,8 @@ def test_per_sample_seed_reproduces_augmentation_without_correlating_steps():
 
 
 def test_device_selection():
-    from vision.engine.device import autocast_dtype, select_device
     from vision.errors import ConfigError
+    from vision.runtime.device import autocast_dtype, select_device
 
     assert select_device("cpu") == torch.device("cpu")
     assert autocast_dtype(torch.device("cpu")) == torch.bfloat16

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from vision.data.records import Categories
-from vision.engine.ensemble_predict import FusionSpec, fuse_predictions
-from vision.engine.predictor import Predictor
-from vision.engine.tta import TTAPredictor, flip_prediction, rescale_prediction, scaled_model
+from vision.inference.ensemble import FusionSpec, fuse_predictions
+from vision.inference.predictor import Predictor
+from vision.inference.tta import TTAPredictor, flip_prediction, rescale_prediction, scaled_model
 
 
 class BrightBoxDetector(nn.Module):

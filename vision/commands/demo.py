@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from vision.data.coco import load_json
     from vision.data.image_io import list_images
     from vision.data.synthetic import make_synthetic_dataset
-    from vision.engine.coco_eval import evaluate_coco, format_per_class
-    from vision.engine.draw import draw_prediction, save_drawing
-    from vision.engine.predictor import Predictor, load_model_for_inference, predict_paths
     from vision.engine.trainer import train
+    from vision.inference.draw import draw_prediction, save_drawing
+    from vision.inference.predictor import Predictor, load_model_for_inference, predict_paths
+    from vision.metrics.coco import evaluate_coco, format_per_class
 
     out = Path(args.out)
     data_dir, pred_dir = out / "data", out / "predictions"

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from vision.data.coco import coco_to_detection_set, load_json
-from vision.engine.coco_eval import check_results, evaluate_coco, explain_undefined, format_per_class
 from vision.errors import DataError
+from vision.metrics.coco import check_results, evaluate_coco, explain_undefined, format_per_class
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 def _match_by_file_name(gt: dict, dets: list, images_file: Path, dets_file: str) -> tuple[dict, list]:
     """Results renumbered to the ground truth's image ids, and the ground truth cut to the images
     that were predicted (an image predicted with no detections still counts, as a miss)."""
-    from vision.engine.image_matching import match_images, restrict_ground_truth
+    from vision.metrics.image_matching import match_images, restrict_ground_truth
 
     listed = load_json(images_file)
     predicted = listed.get("images") if isinstance(listed, dict) else listed

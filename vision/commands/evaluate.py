@@ -44,9 +44,9 @@ DETECTION_ARCHS = ("retinanet", "faster_rcnn", "mask_rcnn")
 
 
 def run(args: argparse.Namespace) -> int:
-    from vision.engine.device import select_device
     from vision.models import build_model
     from vision.models.weights import load_checkpoint, load_model_weights
+    from vision.runtime.device import select_device
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not Path(config).exists():
@@ -111,14 +111,14 @@ def _detection_parts(cfg, class_names, weights):
 
 def _task_parts(cfg):
     """Other model kinds: the validation parts of their training task."""
-    from vision.engine.tasks import build_task
+    from vision.tasks import build_task
 
     task = build_task(cfg)
     return task.val_set, task.val_dataset, task.predict, task.evaluate
 
 
 def _print_report(metrics: dict[str, Any]) -> None:
-    from vision.engine.coco_eval import explain_undefined, format_per_class
+    from vision.metrics.coco import explain_undefined, format_per_class
 
     for iou_type, text in (metrics.get("summary") or {}).items():
         print(f"{iou_type}:")

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vision.engine.export import export_model
+    from vision.inference.export import export_model
 
     result = export_model(args.weights, args.format, args.out, config=args.config, overrides=args.overrides)
     check = (

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace):
     """The inference engine settings these arguments ask for."""
-    from vision.engine.inference import EngineOptions
+    from vision.inference.engine import EngineOptions
 
     engine = EngineOptions.plain() if args.plain else EngineOptions()
     engine.compile = bool(args.compile)
@@ -73,12 +73,12 @@ def refuse_inapplicable(args: argparse.Namespace, task: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Checkpoints of other model kinds are dispatched here, before the detection path below.
-    from vision.engine.semantic_predict import is_semantic, run_semantic_predict
+    from vision.inference.semantic_predict import is_semantic, run_semantic_predict
 
     if is_semantic(args.weights[0], args.config, args.overrides):
         refuse_inapplicable(args, "semantic segmentation")
         return run_semantic_predict(args)
-    from vision.engine.cls_predict import is_classifier_checkpoint, run_classifier_predict
+    from vision.inference.cls_predict import is_classifier_checkpoint, run_classifier_predict
 
     if is_classifier_checkpoint(args.weights[0]):
         refuse_inapplicable(args, "classifier")
@@ -87,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_detection(args: argparse.Namespace) -> int:
-    from vision.engine.device import select_device
-    from vision.engine.distributed import cleanup, dist_info, init_distributed
-    from vision.engine.draw import draw_prediction, save_drawing
-    from vision.engine.ensemble_predict import FusionSpec, build_predictor
-    from vision.engine.predictor import hierarchy_expander, predict_paths
+    from vision.inference.draw import draw_prediction, save_drawing
+    from vision.inference.ensemble import FusionSpec, build_predictor
+    from vision.inference.predictor import hierarchy_expander, predict_paths
+    from vision.runtime.device import select_device
+    from vision.runtime.distributed import cleanup, dist_info, init_distributed
 
     paths = list_images(args.source)
     if not paths:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from vision.data.build import build_datasets
     from vision.data.dataset import DetectionDataset
     from vision.data.transforms import build_train_transform
-    from vision.engine.draw import draw_prediction, save_drawing
+    from vision.inference.draw import draw_prediction, save_drawing
 
     cfg = load_config(args.config, args.overrides)
     train_set, _ = build_datasets(cfg)

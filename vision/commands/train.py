@@ -31,9 +31,9 @@ def _split_resume(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vision.config import load_config
-    from vision.engine import distributed as du
     from vision.engine.trainer import run_dir_of, train
     from vision.errors import ConfigError
+    from vision.runtime import distributed as du
 
     _split_resume(args)
     cfg = load_config(args.config, args.overrides)

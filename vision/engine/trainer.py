@@ -32,7 +32,6 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from vision.config import Config, config_to_dict, save_config
 from vision.data.records import DetectionSet
-from vision.engine import distributed as du
 from vision.engine.checkpoint import (
     CHECKPOINT_VERSION,
     atomic_save,
@@ -40,7 +39,17 @@ from vision.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from vision.engine.device import (
+from vision.engine.optim import build_optimizer, build_scheduler, schedule_of
+from vision.errors import ConfigError, DataError, VisionError
+from vision.inference.engine import (
+    EngineOptions,
+    cpu_has_native_bf16,
+    optimize_for_inference,
+    precision_context,
+    use_channels_last,
+)
+from vision.runtime import distributed as du
+from vision.runtime.device import (
     autocast,
     make_grad_scaler,
     select_device,
@@ -48,17 +57,8 @@ from vision.engine.device import (
     to_device,
     use_pinned_memory,
 )
-from vision.engine.host_memory import retain_freed_memory
-from vision.engine.inference import (
-    EngineOptions,
-    cpu_has_native_bf16,
-    optimize_for_inference,
-    precision_context,
-    use_channels_last,
-)
-from vision.engine.logging import MetricLogger, console, progress
-from vision.engine.optim import build_optimizer, build_scheduler, schedule_of
-from vision.errors import ConfigError, DataError, VisionError
+from vision.runtime.host_memory import retain_freed_memory
+from vision.runtime.logging import MetricLogger, console, progress
 
 Hook = Callable[[str, "Trainer"], None]
 Evaluator = Callable[[DetectionSet, dict[int, dict[str, Any]]], dict[str, Any]]
@@ -228,7 +228,7 @@ def make_loader(
 
 def default_evaluator(with_masks: bool, max_dets: int | None = None) -> Evaluator:
     """COCO box (and mask) AP; ``max_dets`` above 100 raises COCO's detections-per-image limit."""
-    from vision.engine.coco_eval import evaluate_detections
+    from vision.metrics.coco import evaluate_detections
 
     iou_types = ("bbox", "segm") if with_masks else ("bbox",)
     limit = max_dets if max_dets is not None and max_dets > 100 else None
@@ -245,7 +245,7 @@ def _to_original_size(pred: dict[str, torch.Tensor], image: torch.Tensor, width:
     Masks leave as COCO RLEs (``rles``): a few hundred full-size probability maps per image, kept
     for a whole validation set, would not fit in memory.
     """
-    from vision.engine.coco_eval import masks_to_rles
+    from vision.metrics.coco import masks_to_rles
 
     out = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in pred.items()}
     h, w = image.shape[-2:]
@@ -869,8 +869,8 @@ class Trainer:
 def build_trainer(cfg: Config, run_dir: str | Path, hooks: Sequence[Hook] = ()) -> Trainer:
     """Data sets, model and trainer from a config (``model.num_classes`` is filled in from the data)."""
     setup_runtime(cfg)
-    from vision.engine.tasks import build_task
     from vision.models import build_model
+    from vision.tasks import build_task
 
     task = build_task(cfg)
     model = build_model(cfg.model)

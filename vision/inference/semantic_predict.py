@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vision.engine.predictor import (
+from vision.inference.predictor import (
     PARTIAL_NAME,
     ImageFiles,
     Predictor,
@@ -148,8 +148,8 @@ def run_semantic_predict(args: Any) -> int:
     """``vision predict`` for a semantic_fpn model: masks/*.png, predictions.json, images/ overlays."""
     from vision.commands.predict import engine_options
     from vision.data.image_io import list_images
-    from vision.engine.predictor import load_model_for_inference
     from vision.errors import VisionError
+    from vision.inference.predictor import load_model_for_inference
 
     if len(args.weights) > 1:
         raise VisionError("several --weights: ensembling is for detectors; give one semantic segmentation model")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from vision.config import Config
-from vision.engine.tasks import Task
 from vision.errors import ConfigError
+from vision.tasks import Task
 
 
 def build_detection_task(cfg: Config) -> Task:

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vision.engine.fold_bn import fold_batch_norms
-from vision.engine.host_memory import retain_freed_memory
-from vision.engine.postprocess import use_batched_postprocess
 from vision.errors import ConfigError
+from vision.inference.fold_bn import fold_batch_norms
+from vision.inference.postprocess import use_batched_postprocess
+from vision.runtime.host_memory import retain_freed_memory
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vision.engine.device import autocast, select_device
-from vision.engine.inference import EngineOptions, optimize_for_inference, precision_context, precision_dtype
-from vision.engine.logging import progress
+from vision.inference.engine import EngineOptions, optimize_for_inference, precision_context, precision_dtype
+from vision.runtime.device import autocast, select_device
+from vision.runtime.logging import progress
 
 
 def predict_classification_dataset(
@@ -44,7 +44,7 @@ def evaluate_predictions(
 ) -> dict[str, Any]:
     """Metrics of a ``ClassificationSet`` against predictions keyed by sample index: top-k accuracy, or
     mAP when ``multi_label`` (default: when the data set's samples have several labels)."""
-    from vision.engine.cls_metrics import classification_metrics, multilabel_metrics
+    from vision.metrics.classification import classification_metrics, multilabel_metrics
 
     names = list(data_set.categories.names)
     keep = sorted(i for i in predictions if 0 <= i < len(data_set))
@@ -73,8 +73,8 @@ def evaluate_checkpoint(
         build_classification_sets,
         build_cls_transform,
     )
-    from vision.engine.cls_metrics import write_report
-    from vision.engine.predictor import load_model_for_inference
+    from vision.inference.predictor import load_model_for_inference
+    from vision.metrics.classification import write_report
 
     model, cfg, _ = load_model_for_inference(weights, config, overrides)
     _, val_set = build_classification_sets(cfg)
@@ -111,8 +111,8 @@ def predict_images(
 
     from vision.data.classification import build_cls_transform
     from vision.data.image_io import read_image
-    from vision.engine.predictor import load_model_for_inference
     from vision.errors import ImageReadError
+    from vision.inference.predictor import load_model_for_inference
 
     model, cfg, categories = load_model_for_inference(weights, config, overrides)
     dev = select_device(device)

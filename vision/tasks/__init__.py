@@ -43,19 +43,19 @@ TaskBuilder = Callable[[Config], Task]
 
 
 def _detection(cfg: Config) -> Task:
-    from vision.engine.tasks.detection import build_detection_task
+    from vision.tasks.detection import build_detection_task
 
     return build_detection_task(cfg)
 
 
 def _semantic(cfg: Config) -> Task:
-    from vision.engine.tasks.semantic import build_semantic_task
+    from vision.tasks.semantic import build_semantic_task
 
     return build_semantic_task(cfg)
 
 
 def _classification(cfg: Config) -> Task:
-    from vision.engine.tasks.classification import build_classification_task
+    from vision.tasks.classification import build_classification_task
 
     return build_classification_task(cfg)
 

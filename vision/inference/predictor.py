@@ -29,16 +29,16 @@ from vision.atomic import atomic_write
 from vision.config import Config, config_from_dict, load_config
 from vision.data.image_io import read_image
 from vision.data.records import Categories
-from vision.engine.coco_eval import prediction_to_results
-from vision.engine.device import select_device
-from vision.engine.inference import (
+from vision.errors import ImageReadError, VisionError
+from vision.inference.engine import (
     EngineOptions,
     aspect_groups,
     optimize_for_inference,
     precision_context,
     precision_dtype,
 )
-from vision.errors import ImageReadError, VisionError
+from vision.metrics.coco import prediction_to_results
+from vision.runtime.device import select_device
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def predict_paths(
     """
     from tqdm import tqdm
 
-    from vision.engine.distributed import all_gather_object, broadcast_object, dist_info
+    from vision.runtime.distributed import all_gather_object, broadcast_object, dist_info
 
     info = dist_info()
     out_dir = Path(out_dir)

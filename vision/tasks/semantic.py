@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vision.config import Config
-from vision.engine.tasks import Task
 from vision.errors import ConfigError
+from vision.tasks import Task
 
 
 def class_names_with_background(categories: Any) -> list[str]:
@@ -34,8 +34,8 @@ def predict_confusions(
     One small matrix per image rather than its class map, so memory does not grow with image size.
     """
     from vision.data.dataset import collate_detection
-    from vision.engine.semantic_eval import confusion_matrix
     from vision.engine.trainer import predict_shards
+    from vision.metrics.semantic import confusion_matrix
 
     def keep(images: list, targets: list, outputs: list, indices: list[int]) -> dict[int, np.ndarray]:
         return {
@@ -49,7 +49,7 @@ def predict_confusions(
 
 
 def evaluate_confusions(data_set: Any, predictions: dict[int, np.ndarray]) -> dict[str, Any]:
-    from vision.engine.semantic_eval import metrics_from_confusion, sum_confusions
+    from vision.metrics.semantic import metrics_from_confusion, sum_confusions
 
     cm = sum_confusions(predictions.values(), data_set.num_classes)
     return metrics_from_confusion(cm, class_names_with_background(data_set.categories))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 
 from vision.config import Config
-from vision.engine.tasks import Task
 from vision.errors import ConfigError
+from vision.tasks import Task
 
 
 def build_classification_task(cfg: Config) -> Task:
@@ -16,7 +16,7 @@ def build_classification_task(cfg: Config) -> Task:
         build_cls_transform,
         collate_classification,
     )
-    from vision.engine.cls_predict import (
+    from vision.inference.cls_predict import (
         classification_score,
         evaluate_predictions,
         predict_classification_dataset,

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from vision.data.records import Categories
-from vision.engine.inference import EngineOptions
-from vision.engine.tta import DEFAULT_SCALES, Prediction, TTAPredictor
 from vision.ensemble import fuse, fuse_masks
 from vision.errors import VisionError
+from vision.inference.engine import EngineOptions
+from vision.inference.tta import DEFAULT_SCALES, Prediction, TTAPredictor
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,8 @@ def build_predictor(
     engine: EngineOptions | None = None,
 ):
     """The predictor ``vision predict`` runs: one model, or several fused, each with optional TTA."""
-    from vision.engine.device import select_device
-    from vision.engine.predictor import Predictor, load_model_for_inference
+    from vision.inference.predictor import Predictor, load_model_for_inference
+    from vision.runtime.device import select_device
 
     if model_weights is not None and len(model_weights) != len(weights):
         raise VisionError(f"{len(model_weights)} --model-weights given for {len(weights)} --weights")

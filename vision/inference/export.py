@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vision.engine.inference import EngineOptions, optimize_for_inference
 from vision.errors import VisionError
+from vision.inference.engine import EngineOptions, optimize_for_inference
 from vision.models.detection import detection_arch, drop_float32_hooks
 
 FORMATS = ("onnx", "torchscript")
@@ -168,7 +168,7 @@ def export_model(
     overrides: Sequence[str] = (),
 ) -> ExportResult:
     """Writes ``weights`` as ``fmt`` (default path: beside the weights) plus a ``.json`` of its classes."""
-    from vision.engine.predictor import load_model_for_inference
+    from vision.inference.predictor import load_model_for_inference
 
     if fmt not in FORMATS:
         raise VisionError(f"export format '{fmt}': expected one of {', '.join(FORMATS)}")

@@ -1,0 +1,1 @@
+"""Where and how code runs: device, precision, process group, host memory, console and progress."""
