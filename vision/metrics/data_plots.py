@@ -42,16 +42,21 @@ def plot_dataset_report(report: dict[str, Any], out_png: str | Path) -> Path:
     if sides:
         lo = max(1.0, min(float(v.min()) for v in sides.values()))
         hi = max(float(v.max()) for v in sides.values())
-        if anchors:
-            lo, hi = min(lo, anchors["sizes"][0] / 2), max(hi, anchors["sizes"][-1] * 2)
+        if anchors:  # room for the smallest anchor, and for one anchor above the largest box
+            lo = min(lo, anchors["sizes"][0] / 1.5)
+            above = [a for a in anchors["sizes"] if a >= hi]
+            hi = max(hi, above[0] * 1.2 if above else anchors["sizes"][-1] * 1.2)
         bins = np.geomspace(lo * 0.9, hi * 1.1, 50)
         for name, v in sides.items():
             ax_box.hist(v, bins=bins, alpha=0.6, color=_COLORS.get(name), label=name)
         ax_box.set_xscale("log")
         if anchors:
-            for a in anchors["sizes"]:
-                ax_box.axvline(a, color="black", linewidth=1, linestyle="--")
-            ax_box.axvline(anchors["sizes"][0], color="black", linewidth=1, linestyle="--", label="anchor sizes")
+            shown = [a for a in anchors["sizes"] if a <= hi]
+            for k, a in enumerate(shown):
+                ax_box.axvline(a, color="black", linewidth=1, linestyle="--", label="anchor sizes" if k == 0 else None)
+            if len(shown) < len(anchors["sizes"]):
+                ax_box.text(0.98, 0.5, f"anchors up to {anchors['sizes'][-1]} px", ha="right", fontsize=8,
+                            transform=ax_box.transAxes)
         ax_box.legend(fontsize=8)
     resize = splits["train"].get("box_side_px", {}).get("resize")
     where = f" at min_size {resize['evaluated_at']}, max {resize['max_size']}" if resize else ""
@@ -63,7 +68,8 @@ def plot_dataset_report(report: dict[str, Any], out_png: str | Path) -> Path:
     width = 0.8 / max(1, len(splits))
     for i, (name, s) in enumerate(splits.items()):
         counts = [s["classes"]["counts"][n] for n in names]
-        ax_cls.bar(x + i * width - 0.4 + width / 2, counts, width, color=_COLORS.get(name), label=name)
+        bars = ax_cls.bar(x + i * width - 0.4 + width / 2, counts, width, color=_COLORS.get(name), label=name)
+        ax_cls.bar_label(bars, fontsize=7)
     imbalance = splits["train"]["classes"]["imbalance"]
     ax_cls.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
     ax_cls.set(title=f"class counts (train imbalance {imbalance}:1)" if imbalance else "class counts", ylabel="count")
