@@ -229,7 +229,7 @@ def _warnings(split: str, s: dict[str, Any], cfg: Config, detection: bool) -> li
         counts = {n: v for n, v in c["counts"].items() if v > 0}
         top, low = max(counts, key=counts.get), min(counts, key=counts.get)
         hint = ("data.sampler=repeat_factor (or class_balanced)" if detection else "data.sampler=class_balanced")
-        now = f"data.sampler is {cfg.data.sampler}" if cfg.data.sampler != "uniform" else f"consider {hint}"
+        now = f"data.sampler is already {cfg.data.sampler}" if cfg.data.sampler != "uniform" else f"consider {hint}"
         w.append(f"train: class imbalance {c['imbalance']:.1f}:1 ({top} {counts[top]} vs {low} {counts[low]}); {now}")
     a = s.get("anchors")
     if a and a["covered"] is not None and a["covered"] < 0.99:

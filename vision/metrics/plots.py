@@ -113,6 +113,10 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path
         speed.plot(*_series(train, "images_per_s"), color="tab:gray", linewidth=1, label="images/s")
         speed.set_ylabel("images/s")
     _finish(ax_grad, "gradient norm (red), throughput (grey)", "grad norm", bool(x), legend=False)
+    last = max((int(r["iter"]) for r in records), default=0)
+    if last > 0:  # one iteration axis for all panels: a single evaluation sits where it happened
+        for ax in (ax_loss, ax_lr, ax_val, ax_grad):
+            ax.set_xlim(0, last * 1.02)
     fig.suptitle(str(Path(metrics_jsonl).parent.name or metrics_jsonl))
     return save_png(fig, out_png)
 
