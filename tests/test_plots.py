@@ -184,7 +184,7 @@ def test_eval_plots_for_classification_and_semantic_metrics(tmp_path):
 def test_commands_that_do_not_draw_do_not_import_matplotlib():
     code = (
         "import sys; import vision.cli, vision.commands.predict, vision.commands.train, vision.commands.evaluate, "
-        "vision.engine.predictor, vision.metrics, vision.metrics.eval_plots; "
+        "vision.commands.inspect, vision.engine.predictor, vision.metrics, vision.metrics.eval_plots; "
         "print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
