@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show-augment": ("vision.commands.show_augment", "draw augmented training samples"),
     "export": ("vision.commands.export", "export a model to ONNX or TorchScript"),
     "demo": ("vision.commands.demo", "make synthetic data, train, evaluate and predict, end to end"),
+    "inspect": ("vision.commands.inspect", "report a recipe's data set (sizes, boxes vs anchors, classes) before training"),
 }
 
 

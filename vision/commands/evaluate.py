@@ -75,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         model, dataset, val_set, device, batch_size=args.batch_size or cfg.data.batch_size,
         num_workers=cfg.data.num_workers, amp=cfg.train.amp,
     )
-    metrics = evaluate(val_set, preds)
+    from vision.engine.coco_eval import keep_coco_evals
+
+    with keep_coco_evals() as coco_evals:  # pycocotools' accumulated evaluation, for the PR curves
+        metrics = evaluate(val_set, preds)
     _print_report(metrics)
 
     out = Path(args.out) if args.out else Path(args.weights).parent / "metrics.json"
@@ -83,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     record = {k: v for k, v in metrics.items() if k != "summary"}
     record.update({"weights": str(args.weights), "num_images": len(val_set), "source": val_set.source})
     out.write_text(json.dumps(record, indent=2))
+    from vision.metrics.eval_plots import write_eval_plots
+
+    for path in write_eval_plots(metrics, val_set, preds, out.parent, coco_evals):
+        print(f"plot -> {path}")
     print(f"{_headline(metrics)}  ({len(val_set)} images) -> {out}")
     return 0
 

@@ -1,8 +1,8 @@
 """``vision train CONFIG [key=value ...] [--resume [PATH]] [--output DIR]``.
 
 Writes the run folder (``output_dir/name`` unless ``--output``): ``config.yaml`` (resolved),
-``last.pt``, ``best.pt``, ``metrics.jsonl`` and TensorBoard events under ``tb/``.  Under ``torchrun``
-every process runs this same command; rank 0 alone writes and prints.
+``last.pt``, ``best.pt``, ``metrics.jsonl``, TensorBoard events under ``tb/`` and ``curves.png``.
+Under ``torchrun`` every process runs this same command; rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         best_text = f" (best {best:.4f} at iteration {summary['best_iteration']})" if best is not None else ""
         skipped = summary.get("skipped_images", [])
         skipped_text = f"; {len(skipped)} unreadable images skipped" if skipped else ""
+        if (run_dir / "metrics.jsonl").exists():  # before the summary, which stays the last line
+            from vision.metrics.plots import plot_training_curves
+
+            print(f"curves -> {plot_training_curves(run_dir / 'metrics.jsonl', run_dir / 'curves.png')}")
         print(
             f"trained {summary['iterations']} iterations ({summary['epochs']:.2f} epochs) in "
             f"{summary['seconds']:.0f} s; {summary['score_name']} {summary['score']:.4f}{best_text}{skipped_text} -> {run_dir}"

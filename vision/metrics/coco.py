@@ -8,8 +8,9 @@ precision array the way Detectron's reports do.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,24 @@ from vision.data.records import Categories, DetectionSet
 from vision.errors import VisionError
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+# Where ``evaluate_coco`` hands its accumulated COCOeval objects while ``keep_coco_evals`` is open.
+_KEPT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("kept_coco_evals", default=None)
+
+
+@contextlib.contextmanager
+def keep_coco_evals() -> Iterator[dict[str, Any]]:
+    """``{iou_type: COCOeval}`` of every evaluation run inside the block (after ``accumulate``).
+
+    Precision-recall plots need pycocotools' full precision array, which the metrics leave out; this
+    hands it over without changing what any evaluator returns or computing anything twice.
+    """
+    kept: dict[str, Any] = {}
+    token = _KEPT.set(kept)
+    try:
+        yield kept
+    finally:
+        _KEPT.reset(token)
 
 
 def _coco_from_dict(gt: dict[str, Any]):
@@ -94,6 +113,9 @@ def evaluate_coco(
                 ev.params.maxDets = [1, 10, max_dets]
             ev.evaluate()
             ev.accumulate()
+        kept = _KEPT.get()
+        if kept is not None:
+            kept[iou_type] = ev
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             ev.summarize()
