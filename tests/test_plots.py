@@ -89,7 +89,8 @@ def _coco_eval(gt: dict, dets: list[dict]):
     import io
 
     from pycocotools.cocoeval import COCOeval
-    from vision.engine.coco_eval import _coco_from_dict
+
+    from vision.metrics.coco import _coco_from_dict
 
     coco_gt = _coco_from_dict(gt)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -183,7 +184,7 @@ def test_eval_plots_for_classification_and_semantic_metrics(tmp_path):
 def test_commands_that_do_not_draw_do_not_import_matplotlib():
     code = (
         "import sys; import vision.cli, vision.commands.predict, vision.commands.train, vision.commands.evaluate, "
-        "vision.commands.inspect, vision.engine.predictor, vision.metrics, vision.metrics.eval_plots; "
+        "vision.commands.inspect, vision.inference.predictor, vision.metrics, vision.metrics.eval_plots; "
         "print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         model, dataset, val_set, device, batch_size=args.batch_size or cfg.data.batch_size,
         num_workers=cfg.data.num_workers, amp=cfg.train.amp,
     )
-    from vision.engine.coco_eval import keep_coco_evals
+    from vision.metrics.coco import keep_coco_evals
 
     with keep_coco_evals() as coco_evals:  # pycocotools' accumulated evaluation, for the PR curves
         metrics = evaluate(val_set, preds)

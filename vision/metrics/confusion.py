@@ -78,6 +78,6 @@ def detection_confusion_matrix(
 
 def classification_confusion_matrix(labels: Sequence[int], predicted: Sequence[int], num_classes: int) -> np.ndarray:
     """[K, K] counts, rows the true class, columns the predicted one (``cls_metrics``' own matrix)."""
-    from vision.engine.cls_metrics import confusion_matrix
+    from vision.metrics.classification import confusion_matrix
 
     return confusion_matrix(np.asarray(labels), np.asarray(predicted), num_classes)

@@ -36,7 +36,7 @@ def write_eval_plots(
         written.append(plots.plot_pr_curves(ev, out / name, title=f"{iou_type}: {getattr(val_set, 'source', '')}"))
     if "bbox" in metrics and hasattr(val_set, "records"):
         from vision.data.coco import to_coco_dict
-        from vision.engine.coco_eval import prediction_to_results
+        from vision.metrics.coco import prediction_to_results
 
         gt = to_coco_dict(val_set)
         dets = [
