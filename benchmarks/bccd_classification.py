@@ -38,8 +38,8 @@ def main() -> None:
     args = parser.parse_intermixed_args()
 
     from vision.config import load_config
-    from vision.engine.trainer import train
     from vision.metrics.classification import format_report, write_report
+    from vision.tasks.training import train
 
     cfg = load_config(ROOT / "configs" / "bccd_cells_cls.yaml", [
         f"data.root={args.data}", f"train.time_budget_min={args.minutes}", "train.epochs=1000",

@@ -57,7 +57,8 @@ def evaluate_on_test(weights: Path, data: str, tta: bool = False) -> dict:
     from vision.data.coco import to_coco_dict
     from vision.data.image_io import read_image
     from vision.data.voc import read_voc
-    from vision.inference.predictor import Predictor, load_model_for_inference
+    from vision.inference.loading import load_model_for_inference
+    from vision.inference.predictor import Predictor
     from vision.metrics.coco import prediction_to_results
 
     model, cfg, categories = load_model_for_inference(weights)
@@ -91,7 +92,7 @@ def run_vision(arch: str, data: str, minutes: float, out: Path, extra: list[str]
                weights: str | None = None) -> tuple[dict, Path]:
     """Train the recipe (or take ``weights``) and score the final weights; returns the row and the weights."""
     from vision.config import load_config
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     t0 = time.time()
     if weights:

@@ -33,7 +33,7 @@ METHODS = ("nms", "soft_nms", "wbf", "sum")
 def train_model(data: str, minutes: float, iters: int | None, seed: int, backbone: str | None, out: Path) -> Path:
     """One detector from the BCCD recipe; returns its final checkpoint."""
     from vision.config import load_config
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     budget = [f"train.max_iters={iters}", "train.time_budget_min=null"] if iters else [f"train.time_budget_min={minutes}"]
     overrides = [f"data.root={data}", *budget, f"train.seed={seed}", "train.log_every=5", f"name=bccd_ens_seed{seed}"]
@@ -50,7 +50,7 @@ def train_model(data: str, minutes: float, iters: int | None, seed: int, backbon
 def test_set(data: str, weights: Path):
     from vision.config import resolve_path
     from vision.data.voc import read_voc
-    from vision.inference.predictor import load_model_for_inference
+    from vision.inference.loading import load_model_for_inference
 
     _, cfg, categories = load_model_for_inference(weights)
     split = cfg.data.val
@@ -63,7 +63,8 @@ def predict_all(weights: Path, records) -> tuple[list[dict], object]:
     import torch
 
     from vision.data.image_io import read_image
-    from vision.inference.predictor import Predictor, load_model_for_inference
+    from vision.inference.loading import load_model_for_inference
+    from vision.inference.predictor import Predictor
 
     model, _, categories = load_model_for_inference(weights)
     predictor = Predictor(model, categories, device="auto")

@@ -61,7 +61,7 @@ def test_subset(data: str, n: int | None, out: Path) -> list[str]:
 
 def run(config: str, overrides: list[str], out: Path, name: str) -> dict:
     from vision.config import load_config
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     cfg = load_config(ROOT / "configs" / config, [
         "train.time_budget_min=null", "train.eval_every=0", "train.ckpt_every_iters=0", f"output_dir={out}",

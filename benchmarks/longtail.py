@@ -58,7 +58,7 @@ def sampler_list(text: str) -> list[str]:
 
 def run_one(cfg_path: str | None, overrides: list[str], out: Path) -> dict:
     from vision.config import load_config
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     cfg = load_config(cfg_path, overrides)
     summary = train(cfg, out)

@@ -40,8 +40,8 @@ def predict_results(model, dataset, det_set, device, *, batch_size: int = 2, num
     from torch.utils.data import Subset
     from tqdm import tqdm
 
-    from vision.engine.trainer import predict_dataset
     from vision.metrics.coco import prediction_to_results
+    from vision.tasks.detection import predict_dataset
 
     out: dict[int, list[dict[str, Any]]] = {}
     starts = range(0, len(dataset), batch_size)
@@ -75,20 +75,21 @@ def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_image
     from vision.config import load_config
     from vision.engine.trainer import Trainer, setup_runtime
     from vision.models import build_model
-    from vision.tasks import build_task
+    from vision.tasks import task_for
 
     cfg = load_config(ROOT / "configs" / "nuclei_mask_rcnn.yaml",
                       [f"data.root={data}", f"train.time_budget_min={minutes}", f"output_dir={out}", *extra])
     t0 = time.time()
     setup_runtime(cfg)
-    task = build_task(cfg)
+    spec = task_for(cfg)
+    task = spec.training_data()
     if val_images:  # a quick check of the whole path, not a benchmark figure
         task.val_set.records = task.val_set.records[:val_images]
     task.val_dataset.with_masks = False  # prediction needs the images only; COCOeval reads the masks itself
     model = build_model(cfg.model)
     trainer = Trainer(
         cfg, out / cfg.name, model=model, train_set=task.train_set, train_dataset=task.train_dataset,
-        val_set=task.val_set, val_dataset=task.val_dataset, collate_fn=task.collate,
+        val_set=task.val_set, val_dataset=task.val_dataset, collate_fn=spec.collate,
         predict_fn=predict_results, evaluator=evaluate_results, score_fn=mask_ap50, score_name="mask AP50",
     )
     summary = trainer.fit()  # the final evaluation is of the final weights

@@ -30,20 +30,21 @@ def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_image
     from vision.config import load_config
     from vision.engine.trainer import Trainer, setup_runtime
     from vision.models import build_model
-    from vision.tasks import build_task
+    from vision.tasks import task_for
 
     cfg = load_config(ROOT / "configs" / "nuclei_semantic.yaml",
                       [f"data.root={data}", f"train.time_budget_min={minutes}", f"output_dir={out}", *extra])
     t0 = time.time()
     setup_runtime(cfg)
-    task = build_task(cfg)
+    spec = task_for(cfg)
+    task = spec.training_data()
     if val_images:  # a quick check of the whole path, not a benchmark figure
         task.val_set.items = task.val_set.items[:val_images]
     trainer = Trainer(
         cfg, out / cfg.name, model=build_model(cfg.model), train_set=task.train_set,
         train_dataset=task.train_dataset, val_set=task.val_set, val_dataset=task.val_dataset,
-        collate_fn=task.collate, predict_fn=task.predict, evaluator=task.evaluate, score_fn=task.score,
-        score_name=task.score_name,
+        collate_fn=spec.collate, predict_fn=spec.predict_dataset, evaluator=spec.evaluate, score_fn=spec.score,
+        score_name=spec.metric,
     )
     summary = trainer.fit()
     m = summary["metrics"]

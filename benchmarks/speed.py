@@ -241,8 +241,9 @@ def bench_inference(arch: str, images: list[torch.Tensor], rounds: int, bf16: bo
                     peak: float, ref: dict) -> dict[str, float]:
     """vision's engine against the torchvision figures in ``ref``: one line per batch size and precision;
     returns the float32 ratios by batch size."""
-    from vision.inference.engine import EngineOptions, cpu_has_native_bf16
+    from vision.inference.engine import EngineOptions
     from vision.inference.predictor import Predictor
+    from vision.runtime.precision import cpu_has_native_bf16
 
     cats = Categories(tuple(range(1, 91)), tuple(str(i) for i in range(1, 91)))
     engines = {"fp32": Predictor(vision_model(arch, ref["state_dict"]), cats, device="cpu", engine=EngineOptions())}
@@ -336,7 +337,7 @@ def reference_training(cfg, steps: int, skip: int) -> float:
 
 
 def vision_training(cfg, steps: int, skip: int, out: Path) -> float:
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     marks: dict[str, float] = {}
 

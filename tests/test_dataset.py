@@ -77,7 +77,7 @@ def test_unreadable_images_are_skipped_by_check_and_at_load(tmp_path, caplog):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_boxes_stay_tight_around_masks_through_flip_scale_crop_rotation(tmp_path, seed):
-    from vision.engine.trainer import seed_transform
+    from vision.engine.seeding import seed_transform
 
     record = _shapes_record(tmp_path)
     transform = DetectionTransform([

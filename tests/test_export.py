@@ -16,7 +16,7 @@ from torch import nn
 from vision.cli import main
 from vision.config import Config, ModelConfig, config_to_dict
 from vision.inference.export import _example_image, _matched_gap, detection_output_names, export_model
-from vision.inference.predictor import load_model_for_inference
+from vision.inference.loading import load_model_for_inference
 from vision.models import build_model
 
 NAMES = ["cell", "dot", "ring"]

@@ -4,6 +4,7 @@ and a tiny classification run through the trainer."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -169,7 +170,7 @@ def _cls_cfg(tmp_path, *extra: str):
 
 
 def test_freeze_backbone_trains_the_head_only_until_unfreeze_at(tmp_path) -> None:
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     _colour_folder(tmp_path / "data", n=4)
     cfg = _cls_cfg(tmp_path, "train.freeze=backbone", "train.unfreeze_at=1", "train.epochs=2",
@@ -196,46 +197,55 @@ def test_freeze_backbone_trains_the_head_only_until_unfreeze_at(tmp_path) -> Non
 
 
 def test_tiny_classification_run_checkpoint_predict_and_report(tmp_path) -> None:
-    from vision.engine.trainer import train
-    from vision.inference.cls_predict import evaluate_checkpoint, is_classifier_checkpoint, predict_images
+    import vision
+    from vision.cli import main
+    from vision.errors import ConfigError
     from vision.models import load_checkpoint
+    from vision.tasks.training import train
 
     _colour_folder(tmp_path / "data")
     cfg = _cls_cfg(tmp_path, "train.epochs=4", "train.eval_every=2", "model.label_smoothing=0.1")
     summary = train(cfg, tmp_path / "run")
     assert summary["score_name"] == "top-1"
     assert 0.0 <= summary["score"] <= 1.0
-    assert summary["best_ap"] >= 0.9, "red and blue noise are told apart within 16 steps"
+    assert summary["best_score"] >= 0.9, "red and blue noise are told apart within 16 steps"
     m = summary["metrics"]
     assert set(m["per_class_accuracy"]) == {"blue", "red"} and m["num_samples"] == 16
     assert sum(map(sum, m["confusion_matrix"]["matrix"])) == 16
     best = tmp_path / "run" / "best.pt"
     ckpt = load_checkpoint(best)
     assert ckpt["arch"] == "classifier" and ckpt["class_names"] == ["blue", "red"]
-    assert is_classifier_checkpoint(best)
+    model = vision.load(best, device="cpu")
+    assert model.task.name == "classification"
 
     paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))
     (tmp_path / "bad.png").write_bytes(b"nope")
-    out = predict_images(best, [*paths, str(tmp_path / "bad.png")], tmp_path / "pred", device="cpu")
-    assert out["done"] == 16 and len(out["skipped"]) == 1 and "bad.png" in out["skipped"][0]
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{p}\n" for p in [*paths, str(tmp_path / "bad.png")]))
+    assert main(["predict", "--weights", str(best), "--source", str(listed), "--out", str(tmp_path / "pred"),
+                 "--device", "cpu", "--workers", "0"]) == 0
     rows = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "file,class,score" and len(rows) == 17
-    # --amp (bfloat16 autocast here) gives the same classes; a precision the device lacks fails up front
-    predict_images(best, paths, tmp_path / "pred_amp", device="cpu", amp=True)
+    skipped = json.loads((tmp_path / "pred" / "skipped.json").read_text())
+    assert [s["file_name"] for s in skipped] == ["bad.png"]
+    # the API answers as the command does: the same top class and probability for every image
+    by_file = {r.split(",")[0]: r.split(",")[1:] for r in rows[1:]}
+    for r in model.predict(paths, workers=0):
+        name = str(Path(r.path).relative_to(tmp_path))
+        assert [r.top_k[0][0], f"{r.top_k[0][1]:.6f}"] == by_file[name]
+        assert r.probs.shape == (2,) and abs(float(r.probs.sum()) - 1.0) < 1e-5
+    # --amp (bfloat16 where the CPU runs it natively) gives the same classes; a precision the device lacks
+    # fails up front
+    assert main(["predict", "--weights", str(best), "--source", str(listed), "--out", str(tmp_path / "pred_amp"),
+                 "--device", "cpu", "--workers", "0", "--amp"]) == 0
     assert (tmp_path / "pred_amp" / "predictions.csv").read_text().count(",red,") == "\n".join(rows).count(",red,")
-    from vision.errors import ConfigError
-    from vision.inference.engine import EngineOptions
-
     with pytest.raises(ConfigError, match="fp16"):
-        predict_images(best, paths, tmp_path / "pred_fp16", device="cpu", engine=EngineOptions(precision="fp16"))
-    assert not (tmp_path / "pred_fp16").exists()
-    metrics = evaluate_checkpoint(best, out_dir=tmp_path / "report")
-    assert metrics["top1"] == pytest.approx(summary["best_ap"]), "best.pt scores what it scored in training"
+        vision.load(best, device="cpu", precision="fp16")
+    metrics = vision.evaluate(best, out=tmp_path / "report" / "metrics.json")
+    assert metrics["top1"] == pytest.approx(summary["best_score"]), "best.pt scores what it scored in training"
     assert (tmp_path / "report" / "confusion_matrix.png").is_file()
-    from vision.cli import main
-
     assert main(["eval", "--weights", str(best), "--out", str(tmp_path / "m.json")]) == 0
-    assert json.loads((tmp_path / "m.json").read_text())["top1"] == pytest.approx(summary["best_ap"])
+    assert json.loads((tmp_path / "m.json").read_text())["top1"] == pytest.approx(summary["best_score"])
 
 
 # --- fine-tuning initialisation --------------------------------------------------------------------
@@ -258,7 +268,7 @@ def _det_cfg(root, arch: str, *extra: str):
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
 def test_detector_fine_tuning_keeps_all_but_the_class_layers(tmp_path, arch) -> None:
-    from vision.engine.trainer import build_trainer
+    from vision.tasks.training import build_trainer
 
     root = _synthetic(tmp_path)
     torch.manual_seed(0)
@@ -299,7 +309,7 @@ def test_a_torchvision_detector_state_dict_initialises_a_vision_retinanet(tmp_pa
 
 
 def test_classifier_fine_tuning_from_a_classifier_checkpoint(tmp_path) -> None:
-    from vision.engine.trainer import build_trainer
+    from vision.tasks.training import build_trainer
 
     _colour_folder(tmp_path / "data", n=2)
     torch.manual_seed(4)
@@ -316,7 +326,7 @@ def test_classifier_fine_tuning_from_a_classifier_checkpoint(tmp_path) -> None:
 
 
 def test_tiny_multi_label_run_is_scored_by_map(tmp_path) -> None:
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     _colour_folder(tmp_path / "data", n=4)
     rows = []

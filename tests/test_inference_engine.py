@@ -14,10 +14,11 @@ from torch import nn
 from vision.config import ModelConfig
 from vision.data.records import Categories
 from vision.errors import ConfigError
-from vision.inference.engine import EngineOptions, aspect_groups, cpu_has_native_bf16, precision_dtype
+from vision.inference.engine import EngineOptions, aspect_groups
 from vision.inference.fold_bn import fold_batch_norms
 from vision.inference.predictor import Predictor
 from vision.models import build_model
+from vision.runtime.precision import cpu_has_native_bf16, precision_dtype
 
 
 def _with_running_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -160,7 +161,7 @@ def _assert_same_detections(got: dict, exp: dict, top: int) -> None:
 def test_training_time_evaluation_runs_through_the_engine(monkeypatch) -> None:
     """The trainer's evaluation (``predict_shards``) folds a copy: same detections, model left trainable."""
     from vision.engine import trainer
-    from vision.engine.trainer import predict_shards
+    from vision.inference.dataset import predict_shards
 
     optimized = []
     real = trainer.optimize_for_inference

@@ -117,7 +117,7 @@ def test_crowd_ignored_by_evaluation_as_pycocotools_does(crowd_data):
 
 
 def test_mask_rcnn_trains_and_evaluates_with_a_crowd_region(crowd_data):
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     cfg = load_config(None, _mask_rcnn_overrides(crowd_data, 64))
     summary = train(cfg, crowd_data / "runs" / "mrcnn")

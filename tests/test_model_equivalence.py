@@ -161,7 +161,8 @@ def test_coco_mask_rcnn_config_runs_torchvisions_coco_weights(tmp_path) -> None:
     from torchvision.models.detection.mask_rcnn import MaskRCNN_ResNet50_FPN_Weights
 
     from vision.inference.engine import EngineOptions
-    from vision.inference.predictor import Predictor, load_model_for_inference
+    from vision.inference.loading import load_model_for_inference
+    from vision.inference.predictor import Predictor
     from vision.models.backbone import set_batch_norm_eps
 
     size = 160

@@ -22,7 +22,16 @@ from vision.data.records import Categories
 from vision.ensemble import Hierarchy, fuse_results
 from vision.errors import VisionError
 from vision.inference.ensemble import FusionSpec, build_predictor, fuse_predictions
-from vision.inference.predictor import hierarchy_expander, predict_paths
+from vision.inference.predictor import hierarchy_expander
+from vision.inference.runner import run_folder, source_root
+from vision.inference.writers import DetectionWriter
+
+
+def predict_paths(predictor, paths, out, *, root=None, expand=None, categories=None, write_csv=False, **kwargs):
+    """The folder runner with the detection writer, as ``vision predict`` runs it."""
+    writer = DetectionWriter(predictor.categories, expand=expand, categories_out=categories, write_csv=write_csv)
+    root = source_root(root, paths) if root is not None else source_root(paths[0], paths)
+    return run_folder(predictor, paths, out, writer, root=root, manifest={"task": "detection"}, **kwargs)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,8 +249,9 @@ def test_torchrun_ranks_share_images_and_rank0_merges(tmp_path, ckpts) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("predicted 5 images") == 1 and "broken.jpg" in proc.stdout
     out = tmp_path / "out"
-    per_rank = [[json.loads(line)["image"]["file_name"] for line in (out / f"predictions.partial.rank{r}.jsonl").open()]
-                for r in (0, 1)]
+    logged = {r: [json.loads(line) for line in (out / f"predictions.partial.rank{r}.jsonl").open()] for r in (0, 1)}
+    per_rank = [[e["image"]["file_name"] for e in logged[r] if "skipped" not in e] for r in (0, 1)]
+    assert [e["image"]["file_name"] for r in (0, 1) for e in logged[r] if "skipped" in e] == ["broken.jpg"]
     assert per_rank[0] and per_rank[1]
     assert sorted(per_rank[0] + per_rank[1]) == sorted(good)  # each image predicted exactly once
     images = json.loads((out / "images.json").read_text())["images"]

@@ -40,7 +40,7 @@ RECIPE = {
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from vision.config import load_config
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     cfg = load_config(sys.argv[1], sys.argv[3:])
 

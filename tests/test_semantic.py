@@ -291,7 +291,7 @@ def _tiny_config(root: Path, fmt: str, run: Path, **extra):
 @pytest.mark.parametrize("fmt", ["coco", "mask_list"])
 def test_tiny_training_run_and_prediction(shapes, tmp_path, fmt, capsys):
     from vision.cli import main
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     cfg = _tiny_config(shapes, fmt, tmp_path)
     summary = train(cfg, tmp_path / "sem")

@@ -21,7 +21,9 @@ from vision.config import Config
 from vision.data.records import Categories, DetectionSet, ImageRecord
 from vision.engine.checkpoint import atomic_save, load_checkpoint_file
 from vision.engine.optim import WarmupSchedule, build_optimizer, build_scheduler, param_groups
+from vision.data.dataset import collate_detection
 from vision.engine.trainer import Trainer, TrainingDiverged, setup_runtime
+from vision.tasks.detection import box_ap, predict_dataset
 from vision.errors import DataError
 
 # --------------------------------------------------------------------------------------------------
@@ -109,8 +111,9 @@ def make_trainer(tmp_path: Path, cfg: Config, model: nn.Module | None = None, ev
     model = model or TinyDetector()
     return Trainer(
         cfg, tmp_path / "run", model=model, train_set=det_set, train_dataset=TinyDataset(det_set),
-        val_set=det_set, val_dataset=TinyDataset(det_set),
-        evaluator=evaluator or (lambda ds, preds: {"bbox": {"AP": 0.5}}), hooks=hooks,
+        collate_fn=collate_detection, val_set=det_set, val_dataset=TinyDataset(det_set), predict_fn=predict_dataset,
+        evaluator=evaluator or (lambda ds, preds: {"bbox": {"AP": 0.5}}), score_fn=box_ap, score_name="box AP",
+        hooks=hooks,
     )
 
 
@@ -216,7 +219,7 @@ def test_best_checkpoint_follows_box_ap_and_files_are_written(tmp_path):
     assert not {"optimizer", "scheduler", "rng", "state"} & set(best)
     assert (run / "best.pt").stat().st_size < (run / "last.pt").stat().st_size
     assert last["state"]["iteration"] == 12 and last["state"]["epoch"] == 3
-    assert summary["best_ap"] == pytest.approx(0.3) and summary["best_iteration"] == 8
+    assert summary["best_score"] == pytest.approx(0.3) and summary["best_iteration"] == 8
     assert {"model", "config", "class_names", "arch", "optimizer", "scheduler", "rng"} <= set(last)
     assert last["class_names"] == ["thing"]
     for k, v in tr.model.state_dict().items():
@@ -252,7 +255,7 @@ def test_repeated_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path):
 
 
 def test_amp_bfloat16_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setattr("vision.engine.trainer.cpu_has_native_bf16", lambda: True)  # any CPU can emulate it
+    monkeypatch.setattr("vision.runtime.precision.cpu_has_native_bf16", lambda: True)  # any CPU can emulate it
     cfg = make_cfg(amp=True, max_iters=2)
     tr = make_trainer(tmp_path, cfg)
     before = weights(tr.model)
@@ -281,7 +284,7 @@ def test_channels_last_trains_the_same_weights_and_saves_loadable_ones(tmp_path)
 
 
 def test_amp_falls_back_to_float32_without_native_bfloat16(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("vision.engine.trainer.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("vision.runtime.precision.cpu_has_native_bf16", lambda: False)
     tr = make_trainer(tmp_path, make_cfg(amp=True, max_iters=1))
     tr.fit()
     assert tr.model.last_dtype == torch.float32
@@ -373,7 +376,7 @@ def test_sigkill_during_writes_never_leaves_a_broken_checkpoint(tmp_path):
     assert torch.equal(ckpt["w"], torch.randn(4_000_000) + ckpt["iteration"])
     torn = tmp_path / "torn.pt"  # what a plain torch.save killed half-way would leave
     torn.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
-    with pytest.raises(DataError, match="cannot read checkpoint"):
+    with pytest.raises(DataError, match="not a readable checkpoint"):
         load_checkpoint_file(torn)
 
 
@@ -383,7 +386,7 @@ def test_loader_workers_start_after_the_parent_used_opencv_threads():
     script = textwrap.dedent("""
         import cv2, numpy as np, torch
         from torch.utils.data import BatchSampler, SequentialSampler
-        from vision.engine.trainer import make_loader
+        from vision.data.loader import make_loader
         big = np.random.rand(1000, 1000).astype(np.float32)
         for _ in range(3):
             cv2.resize(big, (1500, 1500), interpolation=cv2.INTER_CUBIC)  # starts OpenCV's thread pool
@@ -408,7 +411,7 @@ def test_loader_workers_start_after_the_parent_used_opencv_threads():
 def test_per_sample_seed_reproduces_augmentation_without_correlating_steps():
     from vision.config import AugmentConfig
     from vision.data.transforms import build_train_transform
-    from vision.engine.trainer import seed_transform
+    from vision.engine.seeding import seed_transform
 
     transform = build_train_transform(AugmentConfig(hflip=0.5, vflip=0.5))
     image = np.zeros((8, 8, 3), np.uint8)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override '{item}' sets a key inside a value")
         node[parts[-1]] = value
     return tree
+
+
+def merge_overrides(data: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """A config dict (a checkpoint's) with dotted ``key=value`` overrides applied on top."""
+    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

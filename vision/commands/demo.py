@@ -31,14 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vision.api import load
     from vision.config import load_config
     from vision.data.coco import load_json
-    from vision.data.image_io import list_images
     from vision.data.synthetic import make_synthetic_dataset
-    from vision.engine.trainer import train
-    from vision.inference.draw import draw_prediction, save_drawing
-    from vision.inference.predictor import Predictor, load_model_for_inference, predict_paths
     from vision.metrics.coco import evaluate_coco, format_per_class
+    from vision.tasks.training import train
 
     out = Path(args.out)
     data_dir, pred_dir = out / "data", out / "predictions"
@@ -61,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     weights = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
 
     print("[3/5] predicting on the validation images folder")
-    model, cfg, categories = load_model_for_inference(weights)
-    predictor = Predictor(model, categories, device=cfg.train.device)
+    model = load(weights)
     val_names = [img["file_name"] for img in load_json(data_dir / "val.json")["images"]]
     folder = out / "val_images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,15 +69,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.copyfile(data_dir / "images" / name, target)
     if pred_dir.exists():
         shutil.rmtree(pred_dir)
-    drawn = 0
-
-    def save(path, image, prediction):
-        nonlocal drawn
-        if drawn < 8:
-            save_drawing(draw_prediction(image, prediction, categories), pred_dir / "images" / Path(path).name)
-            drawn += 1
-
-    predict_paths(predictor, list_images(folder), pred_dir, root=folder, on_image=save)
+    model.predict_folder(folder, pred_dir, save_images=True)
 
     print("[4/5] evaluating the predictions against the validation set (pycocotools)")
     gt = load_json(data_dir / "val.json")
@@ -104,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 def _mask_rcnn_step(args: argparse.Namespace, data_dir: Path, out: Path) -> None:
     """A small Mask R-CNN on the same data: the trainer's final evaluation gives box and mask AP."""
     from vision.config import load_config
-    from vision.engine.trainer import train
+    from vision.tasks.training import train
 
     overrides = [f"data.root={data_dir}", f"output_dir={out / 'runs'}"]
     if args.mask_minutes is not None:

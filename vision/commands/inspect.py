@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from vision.atomic import atomic_write
     from vision.config import load_config
     from vision.data.stats import inspect_data, public
-    from vision.engine.trainer import run_dir_of
     from vision.metrics.data_plots import plot_dataset_report
+    from vision.tasks.training import run_dir_of
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else run_dir_of(cfg) / "inspect"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from vision.data.image_io import list_images
 from vision.errors import VisionError
 
 
@@ -38,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per forward pass (default: 1 on CPU, 8 on CUDA)")
     parser.add_argument("--plain", action="store_true",
                         help="run the model exactly as trained (no batch-norm folding, no channels_last)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the predictions --out holds if other weights, settings or images made them")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="predict only the K-th of N shares of the images still to do (several processes, one --out)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.score_thresh=0.3")
 
 
@@ -48,90 +50,58 @@ def engine_options(args: argparse.Namespace):
     engine = EngineOptions.plain() if args.plain else EngineOptions()
     engine.compile = bool(args.compile)
     engine.micro_batch = max(0, int(args.micro_batch))
-    if args.precision:
-        engine.precision = args.precision
     return engine
 
 
-# Options that only detectors use, with the value that means "not given".
-DETECTION_ONLY = {
-    "tta": False, "tta_scales": [0.8, 1.0, 1.2], "fusion": "wbf", "model_weights": None, "iou": None,
-    "skip_score": 0.0, "hierarchy": None, "hierarchy_merge": "nms", "draw_thresh": 0.3,
-}
-# ... and what each other task refuses on top of those (a classifier draws nothing; masks have no CSV)
-REFUSED_BY_TASK = {"classifier": {"save_images": False}, "semantic segmentation": {"csv": False}}
-
-
-def refuse_inapplicable(args: argparse.Namespace, task: str) -> None:
+def refuse_inapplicable(args: argparse.Namespace, task: object, weights: str) -> None:
     """A flag the checkpoint's task would ignore is an error, not a silent no-op."""
-    refused = {**DETECTION_ONLY, **REFUSED_BY_TASK.get(task, {})}
+    refused = getattr(task, "refused_options", {})
     given = [k for k, unset in refused.items() if getattr(args, k, unset) != unset]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise VisionError(f"{args.weights[0]} is a {task} model, which {flags} cannot be used with")
+        raise VisionError(f"{weights} is a {task.name} model, which {flags} cannot be used with")
+
+
+def _shard(spec: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise VisionError(f"--shard {spec}: expected K/N, e.g. 0/2") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise VisionError(f"--shard {spec}: expected K/N with 0 <= K < N")
+    return k, n
 
 
 def run(args: argparse.Namespace) -> int:
-    # Checkpoints of other model kinds are dispatched here, before the detection path below.
-    from vision.inference.semantic_predict import is_semantic, run_semantic_predict
-
-    if is_semantic(args.weights[0], args.config, args.overrides):
-        refuse_inapplicable(args, "semantic segmentation")
-        return run_semantic_predict(args)
-    from vision.inference.cls_predict import is_classifier_checkpoint, run_classifier_predict
-
-    if is_classifier_checkpoint(args.weights[0]):
-        refuse_inapplicable(args, "classifier")
-        return run_classifier_predict(args)
-    return _run_detection(args)
-
-
-def _run_detection(args: argparse.Namespace) -> int:
-    from vision.inference.draw import draw_prediction, save_drawing
-    from vision.inference.ensemble import FusionSpec, build_predictor
-    from vision.inference.predictor import hierarchy_expander, predict_paths
+    from vision.api import load
     from vision.runtime.device import select_device
     from vision.runtime.distributed import cleanup, dist_info, init_distributed
 
-    paths = list_images(args.source)
-    if not paths:
-        raise VisionError(f"{args.source}: no images found")
-    spec = FusionSpec(args.fusion, args.iou, args.skip_score)
+    if args.batch_size < 1:
+        raise VisionError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.workers < 0:
+        raise VisionError(f"--workers {args.workers}: must be 0 or more")
+    shard = _shard(args.shard)
     init_distributed(select_device(args.device))
     try:
-        predictor = build_predictor(
-            args.weights, config=args.config, overrides=args.overrides, device=args.device, amp=args.amp,
-            tta=args.tta, tta_scales=args.tta_scales, spec=spec, model_weights=args.model_weights,
-            engine=engine_options(args),
+        model = load(
+            args.weights, config=args.config, overrides=args.overrides, device=args.device, precision=args.precision,
+            amp=args.amp, tta=args.tta, tta_scales=args.tta_scales, fusion=args.fusion, iou=args.iou,
+            skip_score=args.skip_score, model_weights=args.model_weights, engine=engine_options(args),
         )
-        categories = predictor.categories
-        expand, out_categories = None, None
-        if args.hierarchy:
-            from vision.ensemble import load_hierarchy
-
-            merge = None if args.hierarchy_merge == "none" else args.hierarchy_merge
-            expand, out_categories = hierarchy_expander(load_hierarchy(args.hierarchy), categories, merge)
-        out = Path(args.out)
-        root = Path(args.source) if Path(args.source).is_dir() else None
-
-        def save(path, image, prediction):
-            rel = Path(path).resolve().relative_to(root.resolve()) if root else Path(Path(path).name)
-            save_drawing(draw_prediction(image, prediction, categories, args.draw_thresh), out / "images" / rel)
-
-        summary = predict_paths(
-            predictor, paths, out, root=root, batch_size=args.batch_size, num_workers=args.workers,
-            on_image=save if args.save_images else None, expand=expand, categories=out_categories,
-            write_csv=args.csv,
+        refuse_inapplicable(args, model.task, str(args.weights[0]))
+        summary, written = model.predict_folder(
+            args.source, args.out, batch_size=args.batch_size, workers=args.workers, save_images=args.save_images,
+            draw_thresh=args.draw_thresh, write_csv=args.csv, hierarchy=args.hierarchy,
+            hierarchy_merge=None if args.hierarchy_merge == "none" else args.hierarchy_merge,
+            overwrite=args.overwrite, shard=shard,
         )
         if dist_info().is_main:
             for line in summary.skipped:
                 print(f"skipped {line}")
-            written = ", ".join(str(out / n) for n in ["predictions.json", "images.json"] + (["predictions.csv"] * args.csv))
-            print(
-                f"predicted {summary.done} images ({summary.resumed} already done, {len(summary.skipped)} unreadable"
-                f" skipped) with {len(args.weights)} model(s){' + TTA' if args.tta else ''},"
-                f" {summary.detections} detections -> {written}"
-            )
+            models = f" with {len(args.weights)} model(s){' + TTA' if args.tta else ''}"
+            counted = "detections" if model.task.name == "detection" else ""
+            print(summary.line("predicted", models, counted, written))
     finally:
         cleanup()
     return 0

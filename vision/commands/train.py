@@ -31,9 +31,9 @@ def _split_resume(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vision.config import load_config
-    from vision.engine.trainer import run_dir_of, train
     from vision.errors import ConfigError
     from vision.runtime import distributed as du
+    from vision.tasks.training import run_dir_of, train
 
     _split_resume(args)
     cfg = load_config(args.config, args.overrides)
@@ -48,14 +48,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         du.cleanup()
     if int(os.environ.get("RANK", "0")) == 0:
-        best = summary["best_ap"]
+        best = summary["best_score"]
         best_text = f" (best {best:.4f} at iteration {summary['best_iteration']})" if best is not None else ""
         skipped = summary.get("skipped_images", [])
         skipped_text = f"; {len(skipped)} unreadable images skipped" if skipped else ""
-        if (run_dir / "metrics.jsonl").exists():  # before the summary, which stays the last line
-            from vision.metrics.plots import plot_training_curves
-
-            print(f"curves -> {plot_training_curves(run_dir / 'metrics.jsonl', run_dir / 'curves.png')}")
+        if summary.get("curves"):  # before the summary, which stays the last line
+            print(f"curves -> {summary['curves']}")
         print(
             f"trained {summary['iterations']} iterations ({summary['epochs']:.2f} epochs) in "
             f"{summary['seconds']:.0f} s; {summary['score_name']} {summary['score']:.4f}{best_text}{skipped_text} -> {run_dir}"

@@ -21,27 +21,19 @@ import numpy as np
 import torch
 
 from vision.errors import DataError
+from vision.models.weights import read_checkpoint_file, save_checkpoint
 
 CHECKPOINT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` that either fully replaces ``path`` or leaves it untouched."""
-    from vision.models.weights import save_checkpoint
-
     save_checkpoint(obj, path)
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a checkpoint (tensors to CPU); a damaged or foreign file is a one-line ``DataError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(path, f"cannot read checkpoint ({first[:200]})") from None
+    """A training checkpoint's dict; a damaged or foreign file is a one-line ``DataError``."""
+    obj = read_checkpoint_file(path)
     if not isinstance(obj, dict):
         raise DataError(path, f"not a checkpoint (a {type(obj).__name__}, expected a dict)")
     return obj

@@ -1,11 +1,14 @@
-"""The training loop for torchvision-style detectors, driven by ``TrainConfig``.
+"""The training loop, driven by ``TrainConfig``, for any model that follows torchvision's convention
+(``model(inputs, targets)`` returns a dict of losses in training mode).  What is trained on and how it
+is scored come from the task (``vision.tasks``): the loop only knows "the task's metric".
 
 One iteration is one optimizer step (``grad_accum`` batches).  What makes a run resumable bit-for-bit:
 
 - the sampler's order is a pure function of ``(seed, epoch)`` and restarts at any draw
   (``set_epoch(epoch, start)``);
 - every sample is drawn with random generators seeded from ``(seed, epoch, rank, position in the
-  epoch)``, so augmentation depends neither on the number of workers nor on where a run was resumed;
+  epoch)`` (``seeding.py``), so augmentation depends neither on the number of workers nor on where a
+  run was resumed;
 - checkpoints hold the optimizer, scheduler, scaler, EMA, data position and each rank's random
   generators, and are written only between optimizer steps.
 
@@ -18,20 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset
 
 from vision.config import Config, config_to_dict, save_config
-from vision.data.records import DetectionSet
+from vision.data.loader import make_loader
 from vision.engine.checkpoint import (
     CHECKPOINT_VERSION,
     atomic_save,
@@ -40,14 +41,10 @@ from vision.engine.checkpoint import (
     set_rng_state,
 )
 from vision.engine.optim import build_optimizer, build_scheduler, schedule_of
+from vision.engine.seeding import PositionedSampler, SeededSamples, seed_everything
 from vision.errors import ConfigError, DataError, VisionError
-from vision.inference.engine import (
-    EngineOptions,
-    cpu_has_native_bf16,
-    optimize_for_inference,
-    precision_context,
-    use_channels_last,
-)
+from vision.metrics.summary import flat_metrics
+from vision.models.layout import use_channels_last
 from vision.runtime import distributed as du
 from vision.runtime.device import (
     autocast,
@@ -55,20 +52,17 @@ from vision.runtime.device import (
     select_device,
     set_deterministic,
     to_device,
-    use_pinned_memory,
 )
 from vision.runtime.host_memory import retain_freed_memory
 from vision.runtime.logging import MetricLogger, console, progress
+from vision.runtime.precision import mixed_precision_usable
 
 Hook = Callable[[str, "Trainer"], None]
-Evaluator = Callable[[DetectionSet, dict[int, dict[str, Any]]], dict[str, Any]]
+Evaluator = Callable[[Any, dict[Any, dict[str, Any]]], dict[str, Any]]
 
 
 class TrainingDiverged(VisionError):
     """The loss stayed non-finite for ``train.max_bad_steps`` steps in a row."""
-
-
-# Runtime: device, process group, seeds ---------------------------------------------------------------
 
 
 def setup_runtime(cfg: Config) -> tuple[torch.device, du.DistInfo]:
@@ -85,286 +79,6 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, du.DistInfo]:
     return device, info
 
 
-def mixed_precision_usable(device: torch.device, amp: bool, verbose: bool = True) -> bool:
-    """``train.amp`` where it pays: bfloat16 autocast on a CPU only where oneDNN runs bfloat16 natively
-    (a BCCD Faster R-CNN step ~1.5x faster than float32 there; emulated, several times slower)."""
-    if amp and device.type == "cpu" and not cpu_has_native_bf16():
-        if verbose:
-            console("train.amp: this CPU has no native bfloat16 (AVX512-BF16 or AMX); training in float32")
-        return False
-    return amp
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    """A 32-bit seed for one draw, independent of worker count and of where the run was resumed."""
-    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1)[0])
-
-
-def seed_transform(transform: Any, seed: int) -> None:
-    """Reseeds a transform that keeps its own generators instead of the global ones.
-
-    An albumentations pipeline gets one fresh generator pair shared by all its steps
-    (``set_random_state``); its ``set_random_seed`` would give every step the same seed and make
-    their draws identical (a horizontal and a vertical flip of equal probability would always
-    happen together).  Other transforms may offer ``set_random_seed(seed)``.
-    """
-    if transform is None:
-        return
-    if callable(getattr(transform, "set_random_state", None)):  # an albumentations pipeline itself
-        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
-        return
-    if callable(getattr(transform, "set_random_seed", None)):
-        transform.set_random_seed(seed)
-        return
-    pipeline = getattr(transform, "pipeline", None)  # DetectionTransform: AutoAugment, then albumentations
-    if callable(getattr(pipeline, "set_random_state", None)):
-        pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
-    autoaugment = getattr(transform, "autoaugment", None)
-    if callable(getattr(autoaugment, "set_random_seed", None)):
-        autoaugment.set_random_seed(seed ^ 0x5A5A5A5A)
-
-
-class SeededSamples(Dataset):
-    """Wraps a dataset so that item ``(epoch, position, index)`` is drawn under its own seed.
-
-    Python's, NumPy's and torch's global generators are seeded for the draw and restored afterwards,
-    so a draw in the main process (``num_workers=0``) leaves the training loop's generators alone.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, rank: int = 0):
-        self.dataset = dataset
-        self.seed = seed
-        self.rank = rank
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int, int]) -> Any:
-        epoch, position, index = key
-        s = sample_seed(self.seed, epoch, self.rank, position)
-        seed_transform(getattr(self.dataset, "transform", None), s)
-        py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(s)
-        np.random.seed(s)
-        torch.default_generator.manual_seed(s)
-        try:
-            return self.dataset[index]
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-            torch.set_rng_state(th)
-
-
-class PositionedSampler(Sampler):
-    """Yields ``(epoch, position, index)`` from an epoch sampler, starting at ``start``."""
-
-    def __init__(self, sampler: Any):
-        self.sampler = sampler
-        self.epoch = 0
-        self.start = 0
-        sampler.set_epoch(0, 0)
-        self.epoch_len = len(sampler)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-        self.sampler.set_epoch(epoch, start)
-        self.epoch_len = len(self.sampler) if hasattr(self.sampler, "__len__") else self.epoch_len
-
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        for i, index in enumerate(self.sampler):
-            yield (self.epoch, self.start + i, int(index))
-
-    def __len__(self) -> int:
-        return max(0, self.epoch_len - self.start)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader workers: seeded from the loader's generator, one thread each (no oversubscription:
-    the workers share the cores with the model, and OpenCV would otherwise start a pool per worker).
-
-    OpenCV gets 0 threads (run in the calling thread), not 1: resizing a thread pool that the parent
-    had started before the fork waits forever for threads that do not exist in the child."""
-    import cv2
-
-    s = torch.initial_seed() % 2**32
-    random.seed(s)
-    np.random.seed(s)
-    torch.set_num_threads(1)
-    cv2.setNumThreads(0)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_sampler: Any,
-    num_workers: int,
-    device: torch.device,
-    seed: int,
-    collate_fn: Callable,
-    persistent: bool = True,
-) -> DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        pin_memory=use_pinned_memory(device),
-        persistent_workers=persistent and num_workers > 0,
-        prefetch_factor=2 if num_workers > 0 else None,
-        worker_init_fn=seed_worker,
-        generator=generator,
-    )
-
-
-# Evaluation -------------------------------------------------------------------------------------------
-
-
-def default_evaluator(with_masks: bool, max_dets: int | None = None) -> Evaluator:
-    """COCO box (and mask) AP; ``max_dets`` above 100 raises COCO's detections-per-image limit."""
-    from vision.metrics.coco import evaluate_detections
-
-    iou_types = ("bbox", "segm") if with_masks else ("bbox",)
-    limit = max_dets if max_dets is not None and max_dets > 100 else None
-
-    def evaluate(det_set: DetectionSet, predictions: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        return evaluate_detections(det_set, predictions, iou_types, max_dets=limit)
-
-    return evaluate
-
-
-def _to_original_size(pred: dict[str, torch.Tensor], image: torch.Tensor, width: int, height: int) -> dict:
-    """Predictions on the (possibly resized) input image -> the record's own pixel grid.
-
-    Masks leave as COCO RLEs (``rles``): a few hundred full-size probability maps per image, kept
-    for a whole validation set, would not fit in memory.
-    """
-    from vision.metrics.coco import masks_to_rles
-
-    out = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in pred.items()}
-    h, w = image.shape[-2:]
-    if (w, h) != (width, height):
-        sx, sy = width / w, height / h
-        out["boxes"] = out["boxes"] * torch.tensor([sx, sy, sx, sy])
-        if "masks" in out and len(out["masks"]):
-            out["masks"] = nn.functional.interpolate(out["masks"], size=(height, width), mode="bilinear")
-    if "masks" in out:
-        out["rles"] = masks_to_rles(out.pop("masks"))
-    return out
-
-
-@torch.inference_mode()
-def predict_shards(
-    model: nn.Module,
-    dataset: Dataset,
-    device: torch.device,
-    collate: Callable,
-    keep: Callable[[list, list, list, list[int]], dict[Any, Any]],
-    *,
-    batch_size: int = 2,
-    num_workers: int = 0,
-    amp: bool = False,
-    show_progress: bool = True,
-    engine: EngineOptions | None = None,
-    split_batches: bool = False,
-) -> dict[Any, Any]:
-    """Runs the model over this rank's share of ``dataset``; what ``keep`` makes of each batch is
-    gathered from all ranks onto each.
-
-    ``keep(images, targets, outputs, indices)`` turns one batch (inputs on the device, the model's
-    outputs, the dataset indices) into entries of the result; every task's evaluation shares the rest.
-    The model runs through the inference engine (``engine``, by default folded batch norms and
-    channels_last on a copy, as ``vision predict`` runs it), so evaluation during training measures
-    and costs what prediction will; ``EngineOptions.plain()`` evaluates the model as it is.
-    ``split_batches`` (detectors, which return one result per image) runs a batch in passes of the
-    engine's images per pass: one on a CPU, where padding a batch to its largest image costs more
-    than it saves.
-    """
-    info = du.dist_info()
-    indices = list(range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    loader = make_loader(dataset, batches, num_workers, device, 0, collate, persistent=False)
-    engine = EngineOptions() if engine is None else engine
-    was_training = model.training
-    model.eval()
-    run = optimize_for_inference(model, engine) if engine != EngineOptions.plain() else model
-    per_pass = engine.images_per_pass(device) if split_batches else batch_size
-    kept: dict[Any, Any] = {}
-    bar = progress(len(batches), 0, "eval", show_progress and info.is_main)
-    try:
-        for batch_indices, (images, targets) in zip(batches, loader):
-            images, _ = to_device(images, None, device)
-            with autocast(device, amp), precision_context(engine.precision, device):
-                if len(images) > per_pass:
-                    outputs = [o for i in range(0, len(images), per_pass) for o in run(images[i : i + per_pass])]
-                else:
-                    outputs = run(images)
-            kept.update(keep(images, targets, outputs, batch_indices))
-            bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
-    if info.enabled:
-        merged: dict[Any, Any] = {}
-        for part in du.all_gather_object(kept):
-            merged.update(part)
-        kept = merged
-    return kept
-
-
-def predict_dataset(
-    model: nn.Module,
-    dataset: Dataset,
-    det_set: DetectionSet,
-    device: torch.device,
-    **kwargs: Any,
-) -> dict[int, dict[str, torch.Tensor]]:
-    """Detections keyed by image id, in each record's own pixels (masks as RLE), from every rank."""
-    from vision.data.dataset import collate_detection
-
-    sizes = {r.image_id: (r.width, r.height) for r in det_set.records}
-
-    def keep(images: list, targets: list, outputs: list, _: list[int]) -> dict[int, dict[str, Any]]:
-        out = {}
-        for img, tgt, pred in zip(images, targets, outputs):
-            image_id = int(tgt["image_id"])
-            w, h = sizes.get(image_id, (img.shape[-1], img.shape[-2]))
-            out[image_id] = _to_original_size(pred, img, w, h)
-        return out
-
-    return predict_shards(model, dataset, device, collate_detection, keep, split_batches=True, **kwargs)
-
-
-def box_ap(metrics: dict[str, Any] | None) -> float:
-    if not metrics:
-        return float("nan")
-    return float(metrics.get("bbox", {}).get("AP", float("nan")))
-
-
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """``{"bbox": {"AP": ..}, "mIoU": ..}`` -> ``{"bbox_AP": .., "mIoU": ..}`` for logging.
-
-    Top-level numbers and one level of nested numbers are kept; per-class tables and text are not.
-    """
-    out: dict[str, float] = {}
-    for group, values in (metrics or {}).items():
-        if group.startswith("per_class") or group == "summary":
-            continue
-        if isinstance(values, (int, float)) and not isinstance(values, bool):
-            out[group] = float(values)
-        elif isinstance(values, dict):
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    out[f"{group}_{key}"] = float(value)
-    return out
-
-
 # The trainer ------------------------------------------------------------------------------------------
 
 
@@ -375,7 +89,7 @@ class Position:
     epoch: int = 0  # the epoch being trained (0-based)
     batch: int = 0  # batches of this epoch consumed on each rank
     iteration: int = 0  # optimizer steps taken (skipped ones included)
-    best_ap: float = float("-inf")  # the task's metric at best.pt (the first evaluation always improves)
+    best_score: float = float("-inf")  # the task's metric at best.pt (the first evaluation always improves)
     best_iteration: int = -1
     elapsed_s: float = 0.0  # training wall time before this process started
 
@@ -393,16 +107,16 @@ class Trainer:
         run_dir: str | Path,
         *,
         model: nn.Module,
-        train_set: DetectionSet,
+        train_set: Any,
         train_dataset: Dataset,
-        val_set: DetectionSet | None = None,
+        collate_fn: Callable,
+        val_set: Any = None,
         val_dataset: Dataset | None = None,
-        sampler: Any = None,
-        evaluator: Evaluator | None = None,
-        collate_fn: Callable | None = None,
         predict_fn: Callable[..., dict[Any, Any]] | None = None,
+        evaluator: Evaluator | None = None,
         score_fn: Callable[[dict[str, Any] | None], float] | None = None,
-        score_name: str = "box AP",
+        score_name: str = "score",
+        sampler: Any = None,
         hooks: Sequence[Hook] = (),
     ):
         self.cfg = cfg
@@ -416,9 +130,11 @@ class Trainer:
         self.categories = train_set.categories
         self.class_names = list(self.categories.names)
         self.evaluator = evaluator
-        self.predict_fn = predict_fn or predict_dataset
-        self.score_fn = score_fn or box_ap
+        self.predict_fn = predict_fn
+        self.score_fn = score_fn if score_fn is not None else _no_score
         self.score_name = score_name
+        if val_set is not None and (predict_fn is None or evaluator is None):
+            raise ValueError("evaluating a validation set needs the task's predict_fn and evaluator")
         if tcfg.grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {tcfg.grad_accum}")
         if cfg.data.batch_size < 1:
@@ -442,8 +158,6 @@ class Trainer:
         self.ema = self._make_ema() if tcfg.ema else None
         self.ddp_model = du.wrap_ddp(self.model, self.device)
 
-        if collate_fn is None:
-            from vision.data.dataset import collate_detection as collate_fn
         if sampler is None:
             sampler = self._default_sampler()
         self.positions = PositionedSampler(sampler)
@@ -602,6 +316,8 @@ class Trainer:
         state = dict(ckpt["state"])
         saved_world = int(state.pop("world_size", 1))
         state.pop("planned_iters", None)
+        if "best_ap" in state:  # checkpoints written before the metric was named for any task
+            state.setdefault("best_score", state.pop("best_ap"))
         self.pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
         rng = ckpt.get("rng") or []
         if saved_world == self.dist.world_size and len(rng) == self.dist.world_size:
@@ -813,13 +529,11 @@ class Trainer:
         schedule_of(self.scheduler).total_iters = max(1, horizon)
 
     def _evaluate(self) -> bool:
-        """Evaluates the eval weights; returns whether box AP improved on the best so far."""
+        """Evaluates the eval weights; returns whether the task's metric improved on the best so far."""
         self._last_eval_iter = self.pos.iteration
         t0 = time.monotonic()
         if self.val_set is None or self.val_dataset is None or len(self.val_set) == 0:
             return False
-        if self.evaluator is None:
-            self.evaluator = default_evaluator(self.cfg.data.with_masks)
         preds = self.predict_fn(
             self.eval_model(), self.val_dataset, self.val_set, self.device,
             batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.num_workers, amp=self.amp,
@@ -827,18 +541,17 @@ class Trainer:
         metrics = self.evaluator(self.val_set, preds) if self.dist.is_main else None
         metrics = du.broadcast_object(metrics)
         self.last_metrics = metrics
-        ap = self.score_fn(metrics)
-        improved = math.isfinite(ap) and ap > self.pos.best_ap
+        score = self.score_fn(metrics)
+        improved = math.isfinite(score) and score > self.pos.best_score
         if improved:
-            self.pos.best_ap, self.pos.best_iteration = ap, self.pos.iteration
+            self.pos.best_score, self.pos.best_iteration = score, self.pos.iteration
         if self.dist.is_main:
             flat = flat_metrics(metrics)
             if self.logger is not None:
                 self.logger.log("eval", self.pos.iteration, flat, epoch=self.pos.epoch)
-            extra = f" AP50 {flat['bbox_AP50']:.4f}" if "bbox_AP50" in flat else ""
             console(
-                f"epoch {self.pos.epoch} iter {self.pos.iteration}: {self.score_name} {ap:.4f}{extra} "
-                f"(best {self.pos.best_ap:.4f})"
+                f"epoch {self.pos.epoch} iter {self.pos.iteration}: {self.score_name} {score:.4f} "
+                f"(best {self.pos.best_score:.4f})"
             )
         self.model.train()
         self._log_time = time.monotonic()  # throughput excludes evaluation
@@ -851,52 +564,16 @@ class Trainer:
             "iterations": self.pos.iteration,
             "epochs": self.pos.epoch + self.pos.batch / self.batches_per_epoch,
             "seconds": round(self._elapsed(), 1),
-            "box_ap": box_ap(self.last_metrics),
             "score": self.score_fn(self.last_metrics),
             "skipped_images": sorted(
                 {*getattr(self.train_set, "skipped_images", []), *getattr(self.val_set, "skipped_images", [])}
             ),
             "score_name": self.score_name,
-            "best_ap": self.pos.best_ap if self.pos.best_iteration >= 0 else None,
+            "best_score": self.pos.best_score if self.pos.best_iteration >= 0 else None,
             "best_iteration": self.pos.best_iteration,
             "metrics": self.last_metrics,
         }
 
 
-# From a config ----------------------------------------------------------------------------------------
-
-
-def build_trainer(cfg: Config, run_dir: str | Path, hooks: Sequence[Hook] = ()) -> Trainer:
-    """Data sets, model and trainer from a config (``model.num_classes`` is filled in from the data)."""
-    setup_runtime(cfg)
-    from vision.models import build_model
-    from vision.tasks import build_task
-
-    task = build_task(cfg)
-    model = build_model(cfg.model)
-    if cfg.model.init_from:  # fine-tuning: every weight of a same-arch checkpoint, class layers re-created
-        from vision.models.weights import load_model_weights
-
-        load_model_weights(model, cfg.model.init_from)
-    return Trainer(
-        cfg, run_dir, model=model, train_set=task.train_set, train_dataset=task.train_dataset,
-        val_set=task.val_set, val_dataset=task.val_dataset, evaluator=task.evaluate, collate_fn=task.collate,
-        predict_fn=task.predict, score_fn=task.score, score_name=task.score_name, hooks=hooks,
-    )
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / cfg.name
-
-
-def train(
-    cfg: Config, run_dir: str | Path | None = None, resume: str | Path | None = None, hooks: Sequence[Hook] = ()
-) -> dict[str, Any]:
-    """``vision train`` without the command line: build, optionally resume, fit; returns the summary."""
-    from vision.engine.checkpoint import resolve_resume
-
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_of(cfg)
-    trainer = build_trainer(cfg, run_dir, hooks)
-    if resume is not None:
-        trainer.resume(resolve_resume(resume, run_dir))
-    return trainer.fit()
+def _no_score(metrics: dict[str, Any] | None) -> float:
+    return float("nan")

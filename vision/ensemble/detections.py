@@ -67,8 +67,6 @@ def empty_detections() -> Detections:
 
 
 def _first_problem(data: Sequence, start: int = 0) -> tuple[int, str] | None:
-    from vision.ensemble.results import check_detection
-
     for i in range(start, len(data)):
         problem = check_detection(data[i])
         if problem:
@@ -258,7 +256,7 @@ def fuse_detections(
         fused = fuse_batch(batch, method, weights, iou_thr, skip_score, members=with_masks, **options)
     seg = None
     if with_masks:
-        from vision.ensemble.results import fused_masks
+        from vision.ensemble.masks import fused_masks
 
         w_model = np.ones(n_models) if weights is None else np.asarray(weights, dtype=np.float64)
         seg = []
@@ -331,3 +329,18 @@ def _assemble(fused, present_idx, images: ImageTable, seg) -> tuple[Detections, 
     finite = np.isfinite(bbox).all(axis=1) & np.isfinite(score)
     n_bad = int(finite.size - np.count_nonzero(finite))
     return (out if n_bad == 0 else out.take(np.flatnonzero(finite))), n_bad
+
+
+def check_detection(d) -> str | None:
+    """What is wrong with one results entry's fields and types, or None."""
+    if not isinstance(d, dict):
+        return "not an object"
+    for key in ("image_id", "category_id", "bbox", "score"):
+        if key not in d:
+            return f"missing '{key}'"
+    bbox = d["bbox"]
+    if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+        return "'bbox' must be four numbers [x, y, w, h]"
+    if not isinstance(d["score"], int | float):
+        return "'score' must be a number"
+    return None

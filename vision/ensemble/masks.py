@@ -50,3 +50,43 @@ def fuse_masks(
     ok = total > 0
     out[ok] = acc[ok] / total[ok, None, None]
     return out.astype(np.float32)
+
+
+def decode_segmentation(seg, height: int, width: int) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(seg, height, width)
+    else:
+        rle = dict(seg)
+        if isinstance(rle.get("counts"), str):
+            rle["counts"] = rle["counts"].encode("ascii")
+    return mask_utils.decode(rle)
+
+
+def fused_masks(members_in, members, n_out: int, w_model: np.ndarray, shape: tuple[int, int]) -> dict[int, dict]:
+    """Score-weighted mean of the member masks of each fused detection, as RLE (where any member has one).
+
+    ``members_in[t]`` is model ``t``'s (scores, segmentations) for the image; ``members[t]`` the output
+    row each of those detections went to."""
+    from pycocotools import mask as mask_utils
+
+    acc: dict[int, np.ndarray] = {}
+    total = np.zeros(n_out)
+    for t, ((scores, segs), dest) in enumerate(zip(members_in, members)):
+        for s, seg, j in zip(scores.tolist(), segs, dest.tolist()):
+            if j < 0 or seg is None:
+                continue
+            coef = s * w_model[t]
+            m = decode_segmentation(seg, *shape).astype(np.float64)
+            acc[j] = acc[j] + coef * m if j in acc else coef * m
+            total[j] += coef
+    out = {}
+    for j, a in acc.items():
+        mean = a / total[j] if total[j] > 0 else a
+        rle = mask_utils.encode(np.asfortranarray((mean >= 0.5).astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        out[int(j)] = rle
+    return out

@@ -140,21 +140,6 @@ class _Entry(msgspec.Struct, gc=False):
 _DECODER = msgspec.json.Decoder(list[_Entry])
 
 
-def check_detection(d) -> str | None:
-    """What is wrong with one results entry's fields and types, or None."""
-    if not isinstance(d, dict):
-        return "not an object"
-    for key in ("image_id", "category_id", "bbox", "score"):
-        if key not in d:
-            return f"missing '{key}'"
-    bbox = d["bbox"]
-    if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
-        return "'bbox' must be four numbers [x, y, w, h]"
-    if not isinstance(d["score"], int | float):
-        return "'score' must be a number"
-    return None
-
-
 def load_images(path: str | os.PathLike) -> tuple[dict[int, tuple[int, int]], list[dict]]:
     """Image sizes and categories from any COCO JSON with an ``images`` list."""
     data = read_json(path, "images")
@@ -210,46 +195,6 @@ def fuse_results(
         fused, _ = fuse_detections(models, table, method, weights, iou_thr, skip_score, fuse_segmentation,
                                    **options)
         return fused.to_dicts()
-
-
-def _decode(seg, height: int, width: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    if isinstance(seg, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(seg, height, width)
-    else:
-        rle = dict(seg)
-        if isinstance(rle.get("counts"), str):
-            rle["counts"] = rle["counts"].encode("ascii")
-    return mask_utils.decode(rle)
-
-
-def fused_masks(members_in, members, n_out: int, w_model: np.ndarray, shape: tuple[int, int]) -> dict[int, dict]:
-    """Score-weighted mean of the member masks of each fused detection, as RLE (where any member has one).
-
-    ``members_in[t]`` is model ``t``'s (scores, segmentations) for the image; ``members[t]`` the output
-    row each of those detections went to."""
-    from pycocotools import mask as mask_utils
-
-    acc: dict[int, np.ndarray] = {}
-    total = np.zeros(n_out)
-    for t, ((scores, segs), dest) in enumerate(zip(members_in, members)):
-        for s, seg, j in zip(scores.tolist(), segs, dest.tolist()):
-            if j < 0 or seg is None:
-                continue
-            coef = s * w_model[t]
-            m = _decode(seg, *shape).astype(np.float64)
-            acc[j] = acc[j] + coef * m if j in acc else coef * m
-            total[j] += coef
-    out = {}
-    for j, a in acc.items():
-        mean = a / total[j] if total[j] > 0 else a
-        rle = mask_utils.encode(np.asfortranarray((mean >= 0.5).astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
-        out[int(j)] = rle
-    return out
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -40,3 +40,13 @@ def save_drawing(image: np.ndarray, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+def draw_caption(image: np.ndarray, text: str) -> np.ndarray:
+    """The image with ``text`` on a white band along its top (a classifier's answer)."""
+    out = np.ascontiguousarray(image).copy()
+    scale = max(0.4, min(out.shape[:2]) / 500)
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    out[: th + base + 8, : min(out.shape[1], tw + 10)] = 255
+    cv2.putText(out, text, (5, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return out

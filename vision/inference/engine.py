@@ -27,7 +27,6 @@ What it changes, and why each step is safe:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Sequence
@@ -36,15 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vision.errors import ConfigError
 from vision.inference.fold_bn import fold_batch_norms
 from vision.inference.postprocess import use_batched_postprocess
+from vision.models.layout import use_channels_last
 from vision.runtime.host_memory import retain_freed_memory
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
 
 @dataclass
 class EngineOptions:
@@ -67,70 +63,6 @@ class EngineOptions:
         if self.micro_batch > 0:
             return self.micro_batch
         return 8 if device.type == "cuda" else 1
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 natively here (AVX512-BF16 / AMX); emulated bfloat16 is slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None: float32), or a clear error."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if device.type == "cpu":
-        if precision == "fp16":
-            raise ConfigError("precision fp16 is for CUDA; on a CPU use bf16")
-        if not cpu_has_native_bf16():
-            raise ConfigError("precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); use fp32")
-        return torch.bfloat16
-    return torch.float16 if precision == "fp16" else torch.bfloat16
-
-
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = precision_dtype(precision, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
-    x = args[0]
-    if torch.is_tensor(x) and x.dim() == 4:
-        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
-    return args
-
-
-def _features_to_nchw(module: nn.Module, args: tuple) -> tuple:
-    """RoI heads get NCHW features: torchvision's RoIAlign reads NCHW and would convert every level
-    itself, once per pooler (twice in Mask R-CNN)."""
-    features = args[0]
-    if isinstance(features, dict):
-        features = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in features.items()}
-        return (features, *args[1:])
-    return args
-
-
-def use_channels_last(model: nn.Module) -> nn.Module:
-    """Weights and backbone input in NHWC, RoI heads fed NCHW; the same function, fewer layout reorders.
-
-    Training uses it too: gradients and optimizer state then take the weights' layout, and a state_dict
-    saved from it loads into an NCHW model unchanged (``load_state_dict`` copies values, not strides).
-    """
-    model.to(memory_format=torch.channels_last)
-    backbone = getattr(model, "backbone", None)
-    if isinstance(backbone, nn.Module):
-        # the first convolution then reads NHWC too, so no layer works in NCHW
-        backbone.register_forward_pre_hook(_to_channels_last)
-    roi_heads = getattr(model, "roi_heads", None)
-    if isinstance(roi_heads, nn.Module):
-        roi_heads.register_forward_pre_hook(_features_to_nchw)
-    return model
 
 
 def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model: bool = True) -> nn.Module:

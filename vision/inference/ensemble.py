@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,19 +138,38 @@ def build_predictor(
     engine: EngineOptions | None = None,
 ):
     """The predictor ``vision predict`` runs: one model, or several fused, each with optional TTA."""
-    from vision.inference.predictor import Predictor, load_model_for_inference
+    from vision.inference.loading import load_for_inference
+
+    loaded = [load_for_inference(w, config, overrides) for w in weights]
+    return predictor_of(loaded, device=device, amp=amp, tta=tta, tta_scales=tta_scales, spec=spec,
+                        model_weights=model_weights, engine=engine)
+
+
+def predictor_of(
+    loaded: Sequence[Any],
+    *,
+    device: str | torch.device = "auto",
+    amp: bool = False,
+    tta: bool = False,
+    tta_scales: Sequence[float] = DEFAULT_SCALES,
+    spec: FusionSpec = FusionSpec(),
+    model_weights: Sequence[float] | None = None,
+    engine: EngineOptions | None = None,
+    whole_batches: bool = False,
+):
+    """One predictor over already loaded models (``LoadedModel``): each with optional TTA, fused when several."""
+    from vision.inference.predictor import Predictor
     from vision.runtime.device import select_device
 
-    if model_weights is not None and len(model_weights) != len(weights):
-        raise VisionError(f"{len(model_weights)} --model-weights given for {len(weights)} --weights")
-    dev = select_device(device)
+    if model_weights is not None and len(model_weights) != len(loaded):
+        raise VisionError(f"{len(model_weights)} --model-weights given for {len(loaded)} --weights")
+    dev = device if isinstance(device, torch.device) else select_device(device)
     members, named = [], []
-    for w in weights:
-        model, _, categories = load_model_for_inference(w, config, overrides)
-        named.append((str(w), categories))
+    for m in loaded:
+        named.append((m.source, m.categories))
         check_same_classes(named)
-        p = Predictor(model, categories, device=dev, amp=amp, engine=engine)
+        p = Predictor(m.model, m.categories, device=dev, amp=amp, engine=engine, whole_batches=whole_batches)
         if tta:
             p = TTAPredictor(p, lambda preds, size: fuse_predictions(preds, size, spec), scales=tta_scales)
         members.append(p)
-    return EnsemblePredictor(members, spec, model_weights)
+    return members[0] if len(members) == 1 and not tta else EnsemblePredictor(members, spec, model_weights)

@@ -168,7 +168,7 @@ def export_model(
     overrides: Sequence[str] = (),
 ) -> ExportResult:
     """Writes ``weights`` as ``fmt`` (default path: beside the weights) plus a ``.json`` of its classes."""
-    from vision.inference.predictor import load_model_for_inference
+    from vision.inference.loading import load_model_for_inference
 
     if fmt not in FORMATS:
         raise VisionError(f"export format '{fmt}': expected one of {', '.join(FORMATS)}")

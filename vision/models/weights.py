@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vision.atomic import atomic_write
-from vision.errors import VisionError
+from vision.errors import DataError, VisionError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,23 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def read_checkpoint_file(path: str | os.PathLike) -> Any:
+    """The object in a checkpoint file (tensors on the CPU), read with ``weights_only=True`` (safetensors
+    too); a missing, damaged or foreign file is a one-line ``DataError``.  The one place files are read."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(path, f"not a readable checkpoint ({reason})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a checkpoint; always returns a dict whose ``"model"`` is a state_dict.
 
@@ -85,18 +102,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ``{"model": state_dict}`` with no ``"config"``: the caller then needs a config to build the model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise VisionError(f"{path}: checkpoint file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise VisionError(f"{path}: not a readable checkpoint ({reason})") from None
+    obj = read_checkpoint_file(path)
     if isinstance(obj, dict) and _is_state_dict(obj.get("model")):
         return obj
     if isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):
@@ -175,15 +181,17 @@ def load_model_weights(
     weights: dict[str, Any] | str | os.PathLike,
     *,
     strict: bool = True,
+    source: str | None = None,
 ) -> LoadResult:
     """Loads a vision checkpoint, a plain state_dict or a checkpoint file into ``model``.
 
     ``strict``: refuse weights with missing or unexpected keys (after renaming); with ``strict=False``
     they are reported in the result instead.  Shape mismatches in class-dependent layers re-create
-    those layers (with a one-line notice); any other shape mismatch is an error.  Batch-norm
+    those layers (with a one-line notice); any other shape mismatch is an error (``source`` names an
+    already read checkpoint in those messages).  Batch-norm
     ``num_batches_tracked`` counters never count as missing: frozen batch norms do not save them.
     """
-    src = str(weights) if isinstance(weights, (str, os.PathLike)) else "weights"
+    src = str(weights) if isinstance(weights, (str, os.PathLike)) else (source or "weights")
     ckpt = load_checkpoint(weights) if isinstance(weights, (str, os.PathLike)) else weights
     if not isinstance(ckpt, dict):
         raise VisionError(f"{src}: expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")

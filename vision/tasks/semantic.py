@@ -6,16 +6,101 @@ evaluation memory does not grow with image sizes, and matrices from several proc
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vision.config import Config
+from vision.data.records import Categories
 from vision.errors import ConfigError
-from vision.tasks import Task
+from vision.inference.dataset import predict_shards
+from vision.inference.result import Result, semantic_result
+from vision.tasks.base import DETECTION_ONLY_OPTIONS, Task, TrainingData, WriterOptions
+
+
+class SemanticTask(Task):
+    """Semantic FPN; ``best.pt`` follows mIoU."""
+
+    name = "semantic segmentation"
+    metric = "mIoU"
+    refused_options: ClassVar[dict[str, Any]] = {**DETECTION_ONLY_OPTIONS, "csv": False}
+
+    def _prepare(self, data_set: Any) -> None:
+        data_set.ignore_index = self.cfg.model.ignore_index
+        data_set.crowd_ignore = self.cfg.data.crowd_ignore
+
+    def training_data(self) -> TrainingData:
+        from vision.data.semantic import (
+            SemanticDataset,
+            build_semantic_eval_transform,
+            build_semantic_sets,
+            build_semantic_train_transform,
+        )
+
+        cfg = self.cfg
+        train_set, val_set = build_semantic_sets(cfg)
+        if cfg.model.num_classes == 0:
+            cfg.model.num_classes = len(train_set.categories)
+        elif cfg.model.num_classes < len(train_set.categories):
+            raise ConfigError(
+                f"model.num_classes={cfg.model.num_classes} but the training set has {len(train_set.categories)} classes"
+            )
+        return TrainingData(
+            train_set, SemanticDataset(train_set, build_semantic_train_transform(cfg.data.augment)),
+            val_set, SemanticDataset(val_set, build_semantic_eval_transform()),
+        )
+
+    def validation_data(self, categories: Categories | None) -> tuple[Any, Dataset]:
+        from vision.data.semantic import (
+            SemanticDataset,
+            build_semantic_eval_transform,
+            read_semantic_split,
+            validate_set,
+        )
+
+        d = self.cfg.data
+        split = d.val if d.val.ann else d.train
+        names = list(categories.names) if categories is not None else d.class_names
+        val_set = read_semantic_split(split, d.root, names)
+        if categories is not None and list(val_set.categories.names) != list(categories.names):
+            raise ConfigError(
+                f"the model was trained on classes {list(categories.names)}, the validation set "
+                f"({val_set.source}) has {list(val_set.categories.names)}"
+            )
+        self._prepare(val_set)
+        validate_set(val_set)
+        return val_set, SemanticDataset(val_set, build_semantic_eval_transform())
+
+    def collate(self, batch: list) -> Any:
+        from vision.data.dataset import collate_detection
+
+        return collate_detection(batch)
+
+    def predict_dataset(self, model: nn.Module, dataset: Dataset, data_set: Any, device: torch.device,
+                        **kwargs: Any) -> dict[Any, Any]:
+        return predict_confusions(model, dataset, data_set, device, **kwargs)
+
+    def evaluate(self, data_set: Any, predictions: dict[Any, Any]) -> dict[str, Any]:
+        return evaluate_confusions(data_set, predictions)
+
+    def score(self, metrics: dict[str, Any] | None) -> float:
+        return miou(metrics)
+
+    def headline(self, metrics: dict[str, Any]) -> str:
+        return f"mIoU {metrics['mIoU']:.4f}  pixel accuracy {metrics['pixel_accuracy']:.4f}"
+
+    def writer(self, out_dir: Path, categories: Categories, options: WriterOptions):
+        from vision.inference.writers import Drawing, SemanticWriter
+
+        drawing = Drawing(Path(out_dir) / "images") if options.save_images else None
+        return SemanticWriter(Path(out_dir), categories, drawing=drawing)
+
+    def result(self, pred: dict[str, torch.Tensor], categories: Categories, path: str | None,
+               shape: tuple[int, int], image: np.ndarray | None) -> Result:
+        return semantic_result(pred, categories, path, shape, image)
 
 
 def class_names_with_background(categories: Any) -> list[str]:
@@ -34,7 +119,6 @@ def predict_confusions(
     One small matrix per image rather than its class map, so memory does not grow with image size.
     """
     from vision.data.dataset import collate_detection
-    from vision.engine.trainer import predict_shards
     from vision.metrics.semantic import confusion_matrix
 
     def keep(images: list, targets: list, outputs: list, indices: list[int]) -> dict[int, np.ndarray]:
@@ -59,32 +143,3 @@ def miou(metrics: dict[str, Any] | None) -> float:
     if not metrics:
         return float("nan")
     return float(metrics.get("mIoU", float("nan")))
-
-
-def build_semantic_task(cfg: Config) -> Task:
-    from vision.data.dataset import collate_detection
-    from vision.data.semantic import (
-        SemanticDataset,
-        build_semantic_eval_transform,
-        build_semantic_sets,
-        build_semantic_train_transform,
-    )
-
-    train_set, val_set = build_semantic_sets(cfg)
-    if cfg.model.num_classes == 0:
-        cfg.model.num_classes = len(train_set.categories)
-    elif cfg.model.num_classes < len(train_set.categories):
-        raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes} but the training set has {len(train_set.categories)} classes"
-        )
-    return Task(
-        train_set=train_set,
-        train_dataset=SemanticDataset(train_set, build_semantic_train_transform(cfg.data.augment)),
-        val_set=val_set,
-        val_dataset=SemanticDataset(val_set, build_semantic_eval_transform()),
-        collate=collate_detection,
-        predict=predict_confusions,
-        evaluate=evaluate_confusions,
-        score=miou,
-        score_name="mIoU",
-    )

@@ -1,0 +1,5 @@
+"""``python -m vision`` is the ``vision`` command."""
+
+from vision.cli import entry
+
+entry()
