@@ -73,7 +73,8 @@ def mask_ap50(metrics: dict[str, Any] | None) -> float:
 
 def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_images: int | None = None) -> dict[str, Any]:
     from vision.config import load_config
-    from vision.engine.trainer import Trainer, setup_runtime
+    from vision.engine.seeding import setup_runtime
+    from vision.engine.trainer import Trainer
     from vision.models import build_model
     from vision.tasks import task_for
 

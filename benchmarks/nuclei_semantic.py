@@ -28,7 +28,8 @@ TARGET_NUCLEUS_IOU = 0.75
 
 def run_vision(data: str, minutes: float, out: Path, extra: list[str], val_images: int | None = None) -> dict[str, Any]:
     from vision.config import load_config
-    from vision.engine.trainer import Trainer, setup_runtime
+    from vision.engine.seeding import setup_runtime
+    from vision.engine.trainer import Trainer
     from vision.models import build_model
     from vision.tasks import task_for
 

@@ -38,6 +38,7 @@ DRIVER = textwrap.dedent("""
     import json, os, sys
     import torch
     import vision.engine.trainer as T
+    from vision.tasks.training import train
     from vision.config import load_config
 
     out = sys.argv[2]
@@ -62,7 +63,7 @@ DRIVER = textwrap.dedent("""
             torch.save(state, os.path.join(out, f"weights.rank{rank}.iter{tr.pos.iteration}.pt"))
 
     cfg = load_config(sys.argv[1])
-    summary = T.train(cfg, os.path.join(out, "run"), hooks=[hook])
+    summary = train(cfg, os.path.join(out, "run"), hooks=[hook])
     T.du.cleanup()
     print("summary", rank, summary["iterations"], flush=True)
 """)
@@ -99,11 +100,11 @@ def test_torchrun_two_ranks_gloo(tmp_path: Path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(not torch.equal(w0[k], before[k]) for k in w0)
 
-    # checkpoints are written once, by rank 0: iteration 1 (mid-epoch) and the epoch end, where the first
-    # evaluation also writes best.pt
+    # checkpoints are written once, by rank 0: iteration 1 (mid-epoch), the epoch end before its
+    # evaluation (which cannot then lose it), and after it, with best.pt
     run = tmp_path / "run"
     assert not (tmp_path / "saves.rank1").exists()
-    assert (tmp_path / "saves.rank0").read_text().splitlines() == [str(run / n) for n in ("last.pt", "last.pt", "best.pt")]
+    assert (tmp_path / "saves.rank0").read_text().splitlines() == [str(run / n) for n in ("last.pt", "last.pt", "last.pt", "best.pt")]
     ckpt = load_checkpoint_file(run / "last.pt")
     assert ckpt["state"]["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert (run / "best.pt").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 3

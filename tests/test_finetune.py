@@ -4,8 +4,8 @@ and a tiny classification run through the trainer."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

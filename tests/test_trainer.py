@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from vision.config import Config
+from vision.data.dataset import collate_detection
 from vision.data.records import Categories, DetectionSet, ImageRecord
 from vision.engine.checkpoint import atomic_save, load_checkpoint_file
 from vision.engine.optim import WarmupSchedule, build_optimizer, build_scheduler, param_groups
-from vision.data.dataset import collate_detection
-from vision.engine.trainer import Trainer, TrainingDiverged, setup_runtime
-from vision.tasks.detection import box_ap, predict_dataset
+from vision.engine.seeding import setup_runtime
+from vision.engine.trainer import Trainer, TrainingDiverged
 from vision.errors import DataError
+from vision.tasks.detection import box_ap, predict_dataset
 
 # --------------------------------------------------------------------------------------------------
 # stand-ins that follow the detector and dataset contracts

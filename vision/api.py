@@ -231,7 +231,8 @@ def _as_arrays(source: Source) -> list[np.ndarray] | None:
             if np.issubdtype(a.dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
                 a = a * 255.0
             a = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
-        out.append(np.ascontiguousarray(a[..., :3]))
+        a = np.ascontiguousarray(a[..., :3])
+        out.append(a if a.flags.writeable else a.copy())  # torch takes only writable memory
     return out
 
 

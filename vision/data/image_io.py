@@ -45,7 +45,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # what Pillow refuses outright by defaul
 _DECODER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
 
 
-def _limit_from_env() -> int | None | str:
+def _limit_from_env() -> int | str | None:
     raw = os.environ.get(LIMIT_ENV, "").strip()
     if not raw:
         return DEFAULT_MAX_IMAGE_PIXELS
@@ -60,7 +60,7 @@ def _limit_from_env() -> int | None | str:
 
 # The most pixels (width x height) an image may have before it is decoded; None: no limit.  Set it with
 # ``set_max_image_pixels`` so that worker processes started afterwards read the same value.
-MAX_IMAGE_PIXELS: int | None | str = _limit_from_env()
+MAX_IMAGE_PIXELS: int | str | None = _limit_from_env()
 
 
 def set_max_image_pixels(limit: int | None) -> None:
@@ -117,7 +117,7 @@ def _size_past_pil_limit(source: str | os.PathLike | IO[bytes]) -> tuple[int, in
 
 def _open_header(source: str | os.PathLike | IO[bytes], path: str | os.PathLike) -> Image.Image:
     """PIL's lazy ``Image.open`` (header only), its size checked against the pixel limit."""
-    limit = max_image_pixels()
+    max_image_pixels()  # checks the setting and raises PIL's own limit to it where needed
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

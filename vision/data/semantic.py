@@ -25,7 +25,6 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset

@@ -176,7 +176,7 @@ def detection_split_stats(det_set: Any, cfg: Config) -> dict[str, Any]:
             "aspect_ratios": ratios,
             "iou": ANCHOR_IOU,
             "at_min_sizes": scales,
-            "boxes": int(len(best)),
+            "boxes": len(best),
             "covered": round(float(1 - poor.mean()), 4) if len(best) else None,
             "smaller_than_smallest": int((poor & (train_side < min(a_sizes))).sum()),
             "larger_than_largest": int((poor & (train_side > max(a_sizes))).sum()),

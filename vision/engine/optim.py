@@ -204,3 +204,15 @@ def build_scheduler(
 
 def schedule_of(scheduler: torch.optim.lr_scheduler.LambdaLR) -> WarmupSchedule:
     return scheduler.lr_lambdas[0]
+
+
+def budget_horizon(
+    budget_s: float, iteration: int, done_here: int, spent_here_s: float, spent_s: float, planned: int, current: int
+) -> int:
+    """The iteration a time budget ends at, from the speed measured in this process (``done_here`` steps
+    in ``spent_here_s``): what is left of the budget after ``spent_s`` (training and the last evaluation,
+    whose time is kept for the final one) at that speed, never past ``planned`` nor before now."""
+    if done_here <= 0 or spent_here_s <= 0:
+        return current
+    estimate = iteration + max(0.0, budget_s - spent_s) * done_here / spent_here_s
+    return max(iteration, min(planned, int(estimate)))

@@ -15,6 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from vision.config import Config
+from vision.runtime import distributed as du
+from vision.runtime.device import select_device, set_deterministic
+from vision.runtime.host_memory import retain_freed_memory
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -103,3 +108,20 @@ class PositionedSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, self.epoch_len - self.start)
+
+
+def setup_runtime(cfg: Config) -> tuple[torch.device, du.DistInfo]:
+    """Device, process group (under ``torchrun``), determinism and seeds; call before building the model.
+
+    Every rank seeds the same way, so models built right after start identical (DDP also broadcasts
+    rank 0's weights); the trainer then reseeds each rank differently, and samples carry their own seeds.
+    """
+    device = select_device(cfg.train.device)
+    retain_freed_memory()  # before the first batch: activations are then reused, not faulted in again
+    info = du.init_distributed(device)
+    set_deterministic(cfg.train.deterministic)
+    seed_everything(cfg.train.seed)
+    return device, info
+
+
+# The trainer ------------------------------------------------------------------------------------------

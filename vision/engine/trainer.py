@@ -23,7 +23,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,17 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, Dataset
 
-from vision.config import Config, config_to_dict, save_config
+from vision.config import Config, save_config
 from vision.data.loader import make_loader
 from vision.engine.checkpoint import (
-    CHECKPOINT_VERSION,
+    Position,
     atomic_save,
-    load_checkpoint_file,
+    inference_state,
+    restore,
     rng_state,
-    set_rng_state,
+    training_state,
 )
-from vision.engine.optim import build_optimizer, build_scheduler, schedule_of
+from vision.engine.optim import budget_horizon, build_optimizer, build_scheduler, schedule_of
 from vision.engine.seeding import PositionedSampler, SeededSamples, seed_everything
 from vision.errors import ConfigError, DataError, VisionError
 from vision.metrics.summary import flat_metrics
@@ -50,10 +50,8 @@ from vision.runtime.device import (
     autocast,
     make_grad_scaler,
     select_device,
-    set_deterministic,
     to_device,
 )
-from vision.runtime.host_memory import retain_freed_memory
 from vision.runtime.logging import MetricLogger, console, progress
 from vision.runtime.precision import mixed_precision_usable
 
@@ -63,35 +61,6 @@ Evaluator = Callable[[Any, dict[Any, dict[str, Any]]], dict[str, Any]]
 
 class TrainingDiverged(VisionError):
     """The loss stayed non-finite for ``train.max_bad_steps`` steps in a row."""
-
-
-def setup_runtime(cfg: Config) -> tuple[torch.device, du.DistInfo]:
-    """Device, process group (under ``torchrun``), determinism and seeds; call before building the model.
-
-    Every rank seeds the same way, so models built right after start identical (DDP also broadcasts
-    rank 0's weights); the trainer then reseeds each rank differently, and samples carry their own seeds.
-    """
-    device = select_device(cfg.train.device)
-    retain_freed_memory()  # before the first batch: activations are then reused, not faulted in again
-    info = du.init_distributed(device)
-    set_deterministic(cfg.train.deterministic)
-    seed_everything(cfg.train.seed)
-    return device, info
-
-
-# The trainer ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Position:
-    """Where a run is; saved in every checkpoint."""
-
-    epoch: int = 0  # the epoch being trained (0-based)
-    batch: int = 0  # batches of this epoch consumed on each rank
-    iteration: int = 0  # optimizer steps taken (skipped ones included)
-    best_score: float = float("-inf")  # the task's metric at best.pt (the first evaluation always improves)
-    best_iteration: int = -1
-    elapsed_s: float = 0.0  # training wall time before this process started
 
 
 class Trainer:
@@ -246,42 +215,12 @@ class Trainer:
     # checkpoints ----------------------------------------------------------------------------------
 
     def inference_checkpoint(self) -> dict[str, Any]:
-        """What inference and fine-tuning need (``best.pt``): weights, config, categories, metrics.
-
-        The categories keep the data set's own ids beside the names, so predictions leave with the
-        ids of the user's annotation files (COCO's 1..90 with gaps, a Roboflow export's 0 placeholder).
-        """
-        ckpt: dict[str, Any] = {
-            "model": self.eval_model().state_dict(),
-            "config": config_to_dict(self.cfg),
-            "class_names": self.class_names,
-            "categories": {"ids": [int(i) for i in self.categories.ids], "names": list(self.categories.names)},
-            "arch": self.cfg.model.arch,
-            "iteration": self.pos.iteration,
-            "version": CHECKPOINT_VERSION,
-        }
-        if self.last_metrics is not None:
-            # plain numbers, lists and dicts only (weights_only loading); the printed tables stay out
-            ckpt["metrics"] = {k: v for k, v in self.last_metrics.items() if k != "summary"}
-        return ckpt
+        """What ``best.pt`` holds: weights, config, categories, metrics (``checkpoint.inference_state``)."""
+        return inference_state(self)
 
     def checkpoint(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
-        """``last.pt``: the inference checkpoint plus everything resuming needs."""
-        ckpt: dict[str, Any] = {
-            **self.inference_checkpoint(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "state": {
-                **asdict(self.pos), "elapsed_s": self._elapsed(), "world_size": self.dist.world_size,
-                "planned_iters": self.planned_iters,
-            },
-            "rng": rng,
-        }
-        if self.ema is not None:
-            ckpt["model_raw"] = self.model.state_dict()
-        if self.scaler.is_enabled():
-            ckpt["scaler"] = self.scaler.state_dict()
-        return ckpt
+        """What ``last.pt`` holds: the inference checkpoint plus everything resuming needs."""
+        return training_state(self, rng)
 
     def save(self, best: bool = False) -> None:
         """Writes ``last.pt`` (and ``best.pt``); a collective call, rank 0 writes."""
@@ -295,45 +234,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Restores everything ``save`` wrote; the next step is the one the saved run would have taken."""
-        ckpt = load_checkpoint_file(path)
-        if "optimizer" not in ckpt or "state" not in ckpt:
-            raise DataError(path, "not a training checkpoint (no optimizer state); use it as --weights instead")
-        try:
-            self.model.load_state_dict(ckpt.get("model_raw", ckpt["model"]))
-            if self.ema is not None:
-                self.ema.module.load_state_dict(ckpt["model"] if "model_raw" in ckpt else self.model.state_dict())
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise DataError(path, f"does not fit this config's model ({str(e).splitlines()[0][:200]})") from None
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        saved_plan = ckpt["state"].get("planned_iters", self.planned_iters)
-        if saved_plan != self.planned_iters:  # epochs / max_iters changed: the schedule follows the config
-            schedule_of(self.scheduler).total_iters = self.planned_iters
-            if self.dist.is_main:
-                console(f"schedule horizon: {saved_plan} -> {self.planned_iters} iterations (config changed)")
-        if self.scaler.is_enabled() and "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        state = dict(ckpt["state"])
-        saved_world = int(state.pop("world_size", 1))
-        state.pop("planned_iters", None)
-        if "best_ap" in state:  # checkpoints written before the metric was named for any task
-            state.setdefault("best_score", state.pop("best_ap"))
-        self.pos = Position(**{k: v for k, v in state.items() if k in Position.__dataclass_fields__})
-        rng = ckpt.get("rng") or []
-        if saved_world == self.dist.world_size and len(rng) == self.dist.world_size:
-            set_rng_state(rng[self.dist.rank])
-        else:
-            if self.dist.is_main:
-                console(
-                    f"warning: {path} was written by {saved_world} process(es), this run has "
-                    f"{self.dist.world_size}: the data order continues, random draws will differ"
-                )
-            seed_everything(self.tcfg.seed + self.pos.iteration + self.dist.rank)
-        if self.pos.batch and saved_world != self.dist.world_size:
-            self.pos.batch = 0  # shares of an epoch differ with the world size: start the next epoch
-            self.pos.epoch += 1
-        self.last_metrics = ckpt.get("metrics")
-        self.resumed_from = Path(path)
+        restore(self, path)
 
     # the loop -------------------------------------------------------------------------------------
 
@@ -361,14 +262,14 @@ class Trainer:
                 self.pos.epoch += 1
                 self.pos.batch = 0
                 every = self.tcfg.eval_every
-                due = every > 0 and self.pos.epoch % every == 0
-                improved = self._evaluate() if due else False
                 if not self.bad_steps:  # in a streak of non-finite losses the last good checkpoint stays
-                    self.save(best=improved)
+                    self.save()  # before evaluating: an evaluation that fails cannot lose the epoch
+                if every > 0 and self.pos.epoch % every == 0 and self._evaluate() and not self.bad_steps:
+                    self.save(best=True)
                 self._hook("epoch")
             if self._last_eval_iter != self.pos.iteration:
-                improved = self._evaluate()
-                self.save(best=improved)
+                self.save()
+                self.save(best=self._evaluate())
         except TrainingDiverged:
             stopped_early = True
             raise
@@ -518,18 +419,31 @@ class Trainer:
         budget = self.tcfg.time_budget_min
         if budget is None:
             return
-        done = self.pos.iteration - self._start_iter
-        spent_here = time.monotonic() - self._start_time
-        horizon = self.total_iters
-        if done > 0 and spent_here > 0:
-            remaining = budget * 60.0 - self._elapsed() - self._eval_seconds  # keep time for the last eval
-            estimate = self.pos.iteration + max(0.0, remaining) * done / spent_here
-            horizon = max(self.pos.iteration, min(self.planned_iters, int(estimate)))
-        horizon = int(du.broadcast_object(horizon))
-        schedule_of(self.scheduler).total_iters = max(1, horizon)
+        horizon = budget_horizon(
+            budget * 60.0, self.pos.iteration, self.pos.iteration - self._start_iter,
+            time.monotonic() - self._start_time, self._elapsed() + self._eval_seconds, self.planned_iters,
+            self.total_iters,
+        )
+        schedule_of(self.scheduler).total_iters = max(1, int(du.broadcast_object(horizon)))
 
     def _evaluate(self) -> bool:
-        """Evaluates the eval weights; returns whether the task's metric improved on the best so far."""
+        """Evaluates the eval weights; returns whether the task's metric improved on the best so far.
+
+        The checkpoint of the weights evaluated is already written, so a failing evaluation (a bad
+        validation annotation, say) ends training with one line that says where the work is."""
+        try:
+            return self._evaluate_now()
+        except (KeyboardInterrupt, TrainingDiverged):
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            last = self.run_dir / "last.pt"
+            raise VisionError(
+                f"evaluation at iteration {self.pos.iteration} failed ({type(e).__name__}: {first}); "
+                f"the trained weights are in {last}"
+            ) from e
+
+    def _evaluate_now(self) -> bool:
         self._last_eval_iter = self.pos.iteration
         t0 = time.monotonic()
         if self.val_set is None or self.val_dataset is None or len(self.val_set) == 0:

@@ -66,7 +66,7 @@ class Predictor:
 
 def _drop_background(pred: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """RetinaNet scores label 0 like any class; 0 is background in our labels, so it is never an answer."""
-    if "labels" not in pred:  # not a detector's output
+    if "boxes" not in pred:  # not a detector's output (a classifier's labels are its top-k classes)
         return pred
     keep = pred["labels"] > 0
     if bool(keep.all()):

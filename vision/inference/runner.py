@@ -321,9 +321,11 @@ def run_folder(
     first: dict[str, int] = {}
     for i, name in enumerate(names):  # a file listed twice is predicted once
         first.setdefault(name, i)
-    todo = [i for name, i in first.items() if name not in done]
-    summary = RunSummary(resumed=len(first) - len(todo))
-    todo = todo[k::n]
+    # A shard is a fixed share of the whole list (not of what is left, which changes as the other shards
+    # finish images); what is done is then skipped, and torchrun's ranks split the rest.
+    share = list(first.values())[k::n]
+    todo = [i for i in share if names[i] not in done]
+    summary = RunSummary(resumed=len(share) - len(todo))
     mine = todo[info.rank :: info.world_size]
     log_path = out_dir / f"predictions.partial.{_log_tag()}.jsonl"
     with _open_for_append(log_path) as partial, tqdm(

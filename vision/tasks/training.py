@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from vision.config import Config
-from vision.engine.trainer import Hook, Trainer, setup_runtime
+from vision.engine.seeding import setup_runtime
+from vision.engine.trainer import Hook, Trainer
 
 
 def build_trainer(cfg: Config, run_dir: str | Path, hooks: Sequence[Hook] = ()) -> Trainer:

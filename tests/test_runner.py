@@ -1,0 +1,153 @@
+"""The one folder runner, for every task: resume, what an --out records, shards, torchrun, skipped files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from vision.cli import main
+from vision.config import config_to_dict, load_config
+from vision.engine.checkpoint import atomic_save
+from vision.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH_OVERRIDES = {
+    "retinanet": ["model.score_thresh=0.0", "model.detections_per_img=5"],
+    "semantic_fpn": [],
+    "classifier": ["model.image_size=64"],
+}
+
+
+def _checkpoint(path: Path, arch: str, seed: int = 0, extra: tuple[str, ...] = ()) -> Path:
+    torch.manual_seed(seed)
+    cfg = load_config(None, [f"model.arch={arch}", "model.backbone=test_resnet", "model.num_classes=2",
+                             "model.fpn_channels=16", "model.min_size=[64]", "model.max_size=64",
+                             *ARCH_OVERRIDES[arch], *extra])
+    model = build_model(cfg.model)
+    atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "arch": arch,
+                 "class_names": ["a", "b"], "categories": {"ids": [1, 2], "names": ["a", "b"]}}, path)
+    return path
+
+
+def _images(folder: Path, start: int, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        cv2.imwrite(str(folder / f"im{i:02d}.png"), rng.integers(0, 255, (40 + 2 * i, 56, 3), dtype=np.uint8))
+
+
+def _entries(out: Path, arch: str) -> dict[str, dict]:
+    """file name -> what the task's predictions.json says of it."""
+    pred = json.loads((out / "predictions.json").read_text())
+    if arch == "semantic_fpn":
+        return {e["image"]["file_name"]: e for e in pred["images"]}
+    if arch == "classifier":
+        return {e["file_name"]: e for e in pred}
+    names = {im["id"]: im["file_name"] for im in json.loads((out / "images.json").read_text())["images"]}
+    by_name: dict[str, dict] = {n: {"results": []} for n in names.values()}
+    for r in pred:
+        by_name[names[r["image_id"]]]["results"].append(r)
+    return by_name
+
+
+def _predict(weights: Path, source: Path, out: Path, *more: str) -> int:
+    return main(["predict", "--weights", str(weights), "--source", str(source), "--out", str(out), "--workers", "0",
+                 *more])
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "semantic_fpn", "classifier"])
+def test_every_task_resumes_and_keeps_what_was_done(tmp_path, capsys, arch):
+    weights = _checkpoint(tmp_path / "m.pt", arch)
+    src, out = tmp_path / "imgs", tmp_path / "out"
+    _images(src, 0, 4)
+    assert _predict(weights, src, out) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("predicted 4 images (0 already done")
+    before = _entries(out, arch)
+    masks_before = {p.name: p.read_bytes() for p in (out / "masks").glob("*.png")} if arch == "semantic_fpn" else {}
+    _images(src, 4, 4)
+    assert _predict(weights, src, out) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("predicted 4 images (4 already done, 0 unreadable")
+    after = _entries(out, arch)
+    assert len(after) == 8 and all(after[n] == before[n] for n in before), "the first four are kept unchanged"
+    for name, data in masks_before.items():
+        assert (out / "masks" / name).read_bytes() == data
+    assert json.loads((out / "skipped.json").read_text()) == []
+
+
+def test_an_out_made_by_other_weights_settings_or_images_is_refused(tmp_path, capsys):
+    first = _checkpoint(tmp_path / "a.pt", "retinanet", seed=0)
+    other = _checkpoint(tmp_path / "b.pt", "retinanet", seed=1)
+    src, out = tmp_path / "imgs", tmp_path / "out"
+    _images(src, 0, 2)
+    assert _predict(first, src, out) == 0
+    kept = (out / "predictions.json").read_bytes()
+    capsys.readouterr()
+    for weights, more, what in [
+        (other, [], "other weights"),
+        (first, ["model.score_thresh=0.5"], "other settings"),
+    ]:
+        assert _predict(weights, src, out, *more) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and what in err and "--overwrite" in err
+        assert (out / "predictions.json").read_bytes() == kept, "nothing written was lost"
+    copy = tmp_path / "elsewhere"  # another folder with the same file names
+    _images(copy, 10, 2)
+    for i, p in enumerate(sorted(copy.iterdir())):
+        p.rename(copy / f"im{i:02d}.png")
+    assert _predict(first, copy, out) == 2
+    assert "another source folder" in capsys.readouterr().err
+    # --overwrite recomputes with the new weights
+    assert _predict(other, src, out, "--overwrite") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("predicted 2 images (0 already done")
+    assert (out / "predictions.json").read_bytes() != kept
+
+
+def test_two_processes_sharing_an_out_keep_every_image(tmp_path):
+    weights = _checkpoint(tmp_path / "m.pt", "retinanet")
+    src, out = tmp_path / "imgs", tmp_path / "out"
+    _images(src, 0, 10)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "vision", "predict", "--weights", str(weights), "--source", str(src), "--out",
+           str(out), "--workers", "0"]
+    procs = [subprocess.Popen([*cmd, "--shard", f"{k}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    assert sorted(int(o[0].strip().splitlines()[-1].split()[1]) for o in outputs) == [5, 5]
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert sorted(im["file_name"] for im in images) == [f"im{i:02d}.png" for i in range(10)]
+    assert len({im["id"] for im in images}) == 10
+    dets = json.loads((out / "predictions.json").read_text())
+    assert {d["image_id"] for d in dets} == {im["id"] for im in images}
+    # a third run finds everything done, and keeps the ids
+    assert _predict(weights, src, out) == 0
+    assert json.loads((out / "images.json").read_text())["images"] == images
+
+
+@pytest.mark.parametrize("arch", ["semantic_fpn", "classifier"])
+def test_torchrun_ranks_share_the_images_of_every_task(tmp_path, arch):
+    weights = _checkpoint(tmp_path / "m.pt", arch)
+    src, out = tmp_path / "imgs", tmp_path / "out"
+    _images(src, 0, 6)
+    (src / "broken.png").write_text("not an image")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vision",
+         "predict", "--weights", str(weights), "--source", str(src), "--out", str(out), "--workers", "0"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("predicted 6 images (0 already done, 1 unreadable skipped)") == 1
+    logged = [[json.loads(line) for line in (out / f"predictions.partial.rank{r}.jsonl").open()] for r in (0, 1)]
+    done = [[e["image"]["file_name"] for e in rank if "skipped" not in e] for rank in logged]
+    assert done[0] and done[1] and sorted(done[0] + done[1]) == [f"im{i:02d}.png" for i in range(6)]
+    assert len(_entries(out, arch)) == 6
+    assert [s["file_name"] for s in json.loads((out / "skipped.json").read_text())] == ["broken.png"]
