@@ -137,3 +137,23 @@ def test_no_detections_score_zero_where_there_are_objects_as_pycocotools_scores_
     np.testing.assert_allclose([ours["bbox"][k] for k in STAT_NAMES], ref.stats, atol=1e-12)
     assert ours["bbox"]["AP"] == 0.0 and ours["per_class"] == {"a": 0.0, "b": 0.0}
     assert -1.0 in ref.stats  # the set has no large objects: that column is undefined on both sides
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("score", float("nan"), "score nan is not a finite number"),
+        ("score", "high", "score 'high' is not a finite number"),
+        ("bbox", [1.0, 2.0, float("nan"), 4.0], "bbox must be 4 finite numbers"),
+        ("bbox", [1.0, 2.0, -3.0, 4.0], "negative width or height"),
+    ],
+)
+def test_results_that_cannot_be_scored_are_refused_with_their_entry(field, value, message, tmp_path, capsys):
+    """A NaN detection would be ranked and matched by pycocotools (and could raise AP): refuse it."""
+    gt, dets = _random_set(3)
+    dets[5] = {**dets[5], field: value}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(dets).replace("NaN", "NaN"))
+    assert main(["eval-dets", "--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "dets.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "entry 5" in err and message in err

@@ -56,3 +56,16 @@ def test_flags_that_apply_are_taken(tmp_path, images, capsys):
     assert main(["predict", "--weights", str(weights), "--source", str(images), "--out", str(tmp_path / "o"),
                  "--save-images", "--workers", "0"]) == 0
     assert (tmp_path / "o" / "images" / "x.png").exists()
+
+
+def test_an_out_that_is_a_file_or_read_only_is_one_line(tmp_path, images, capsys):
+    weights = _checkpoint(tmp_path, "semantic_fpn")
+    blocker = tmp_path / "out_file"
+    blocker.write_text("a file where the output folder should be")
+    assert main(["predict", "--weights", str(weights), "--source", str(images), "--out", str(blocker),
+                 "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "out_file" in err
+    assert main(["predict", "--weights", str(weights), "--source", str(images), "--out", str(tmp_path / "o"),
+                 "--batch-size", "0"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err

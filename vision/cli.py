@@ -2,7 +2,9 @@
 
 Each command lives in its own module under ``vision.commands`` with two functions,
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only maps names to modules (a dict, not
-a registry) and turns a ``VisionError`` into one line on stderr and exit code 2, never a traceback.
+a registry) and turns a ``VisionError`` (bad input), or an operating-system error about a file the user
+named (missing, read-only, a file where a folder should be), into one line on stderr and exit code 2.
+Any other exception keeps its traceback: it is a bug.
 Modules are imported on use, so ``vision --help`` does not pay for importing torch.
 """
 
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except VisionError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the user named: missing, read-only, a file where a folder goes
+        if e.filename is None or e.errno is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

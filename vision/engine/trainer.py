@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, Dataset
 
+from vision.atomic import remove_stale_temp_files
 from vision.config import Config, save_config
 from vision.data.loader import make_loader
 from vision.engine.checkpoint import (
@@ -243,6 +244,7 @@ class Trainer:
         main = self.dist.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.run_dir)  # checkpoints half-written by a killed run
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.logger = MetricLogger(
             self.run_dir, main, resume_iter=self.pos.iteration if self.resumed_from else None

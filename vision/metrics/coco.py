@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -52,6 +53,25 @@ def _coco_from_dict(gt: dict[str, Any]):
     return coco
 
 
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _result_problem(r: dict[str, Any]) -> str | None:
+    """What makes a result unusable for scoring (a NaN box or score would be ranked and matched)."""
+    if not _finite_number(r["score"]):
+        return f"score {r['score']!r} is not a finite number"
+    bbox = r.get("bbox")
+    if bbox is not None:
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite_number(v) for v in bbox)):
+            return f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
+        if bbox[2] < 0 or bbox[3] < 0:
+            return f"bbox {list(bbox)} has a negative width or height"
+    elif "segmentation" not in r:
+        return "needs a bbox (or a segmentation)"
+    return None
+
+
 def check_results(gt: dict[str, Any], results: Sequence[dict[str, Any]], source: str = "detections") -> list[dict]:
     """Results that name images by id (or by ``file_name``) as ids, after checking each one exists."""
     by_name = {img["file_name"]: img["id"] for img in gt.get("images", [])}
@@ -65,6 +85,9 @@ def check_results(gt: dict[str, Any], results: Sequence[dict[str, Any]], source:
             r = {**r, "image_id": by_name.get(r["file_name"], r["file_name"])}
         if "image_id" not in r or "category_id" not in r or "score" not in r:
             raise VisionError(f"{source}: entry {k} needs image_id, category_id and score")
+        problem = _result_problem(r)
+        if problem:
+            raise VisionError(f"{source}: entry {k} (image {r['image_id']}): {problem}")
         if r["image_id"] not in ids:
             missing.add(r["image_id"])
         if r["category_id"] not in cat_ids:
