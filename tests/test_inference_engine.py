@@ -160,12 +160,12 @@ def _assert_same_detections(got: dict, exp: dict, top: int) -> None:
 
 def test_training_time_evaluation_runs_through_the_engine(monkeypatch) -> None:
     """The trainer's evaluation (``predict_shards``) folds a copy: same detections, model left trainable."""
-    from vision.engine import trainer
+    from vision.inference import dataset
     from vision.inference.dataset import predict_shards
 
     optimized = []
-    real = trainer.optimize_for_inference
-    monkeypatch.setattr(trainer, "optimize_for_inference", lambda m, o: optimized.append(o) or real(m, o))
+    real = dataset.optimize_for_inference
+    monkeypatch.setattr(dataset, "optimize_for_inference", lambda m, o: optimized.append(o) or real(m, o))
 
     model = _detector("faster_rcnn").train()  # evaluated in the middle of training
     before = {k: v.clone() for k, v in model.state_dict().items()}

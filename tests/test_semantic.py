@@ -326,4 +326,4 @@ def test_tiny_training_run_and_prediction(shapes, tmp_path, fmt, capsys):
     # a second run has nothing left to do
     assert main(["predict", "--weights", str(weights), "--source", str(src), "--out", str(out),
                  "--workers", "0", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith(f"segmented 0 images ({n} already done")
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"predicted 0 images ({n} already done")
