@@ -300,17 +300,11 @@ def train(
     return run_dir
 
 
-def evaluate(
-    weights: str | os.PathLike,
-    config: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
-    *,
-    out: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    plots: bool = True,
-) -> dict[str, Any]:
+def evaluate(weights: str | os.PathLike, config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+             **options: Any) -> dict[str, Any]:
     """The task's metrics of a checkpoint on its config's validation split (COCO AP, mIoU or top-k);
-    writes ``metrics.json`` (beside the weights unless ``out``) and the evaluation's plots."""
+    writes ``metrics.json`` (beside the weights unless ``out=``) and the evaluation's plots (``plots=False``
+    to skip them); ``batch_size=`` images per pass."""
     from vision.tasks.evaluation import evaluate_checkpoint
 
-    return evaluate_checkpoint(weights, config, overrides, out=out, batch_size=batch_size, plots=plots).metrics
+    return evaluate_checkpoint(weights, config, overrides, **options).metrics

@@ -125,24 +125,14 @@ def check_same_classes(named: Sequence[tuple[str, Categories]]) -> None:
 
 
 def build_predictor(
-    weights: Sequence[str | os.PathLike],
-    *,
-    config: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
-    device: str = "auto",
-    amp: bool = False,
-    tta: bool = False,
-    tta_scales: Sequence[float] = DEFAULT_SCALES,
-    spec: FusionSpec = FusionSpec(),
-    model_weights: Sequence[float] | None = None,
-    engine: EngineOptions | None = None,
+    weights: Sequence[str | os.PathLike], *, config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+    **options: Any,
 ):
-    """The predictor ``vision predict`` runs: one model, or several fused, each with optional TTA."""
+    """The predictor ``vision predict`` runs: one model, or several fused, each with optional TTA
+    (``options`` are ``predictor_of``'s)."""
     from vision.inference.loading import load_for_inference
 
-    loaded = [load_for_inference(w, config, overrides) for w in weights]
-    return predictor_of(loaded, device=device, amp=amp, tta=tta, tta_scales=tta_scales, spec=spec,
-                        model_weights=model_weights, engine=engine)
+    return predictor_of([load_for_inference(w, config, overrides) for w in weights], **options)
 
 
 def predictor_of(

@@ -14,6 +14,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -342,6 +343,15 @@ def build_backbone(
     if bn_eps is not None:
         set_batch_norm_eps(body, bn_eps)
     return TimmFPNBackbone(body, body.feature_info.channels(), fpn_channels, extra, norm_layer(fpn_norm))
+
+
+def backbone_from_config(cfg: Any, levels: str) -> TimmFPNBackbone:
+    """``build_backbone`` with the backbone keys of a ``ModelConfig`` (every FPN model builds its own so)."""
+    return build_backbone(
+        cfg.backbone, fpn_channels=cfg.fpn_channels, levels=levels, out_indices=cfg.out_indices,
+        pretrained=cfg.pretrained, frozen_stages=cfg.frozen_stages, frozen_bn=cfg.frozen_bn, fpn_norm=cfg.fpn_norm,
+        bn_eps=cfg.bn_eps,
+    )
 
 
 def set_batch_norm_eps(module: nn.Module, eps: float) -> int:

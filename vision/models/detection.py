@@ -22,7 +22,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from vision.config import ModelConfig
 from vision.errors import ConfigError
-from vision.models.backbone import TimmFPNBackbone, build_backbone, norm_layer
+from vision.models.backbone import TimmFPNBackbone, backbone_from_config, norm_layer
 from vision.models.roi_pool import ThreadedMultiScaleRoIAlign
 
 # torchvision's default anchors (retinanet.py and faster_rcnn.py `_default_anchorgen`)
@@ -33,17 +33,7 @@ BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 
 
 def _backbone(cfg: ModelConfig, levels: str) -> TimmFPNBackbone:
-    return build_backbone(
-        cfg.backbone,
-        fpn_channels=cfg.fpn_channels,
-        levels=levels,
-        out_indices=cfg.out_indices,
-        pretrained=cfg.pretrained,
-        frozen_stages=cfg.frozen_stages,
-        frozen_bn=cfg.frozen_bn,
-        fpn_norm=cfg.fpn_norm,
-        bn_eps=cfg.bn_eps,
-    )
+    return backbone_from_config(cfg, levels)
 
 
 def _num_classes(cfg: ModelConfig) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 
 from vision.config import ModelConfig
 from vision.errors import ConfigError
-from vision.models.backbone import TimmFPNBackbone, build_backbone
+from vision.models.backbone import TimmFPNBackbone, backbone_from_config
 from vision.models.detection import checked_kwargs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -193,17 +193,7 @@ def build_semantic_fpn(cfg: ModelConfig) -> SemanticFPN:
             f"model.num_classes is {cfg.num_classes}: set it to the number of classes "
             "(background excluded), or let the data set fill it in"
         )
-    backbone = build_backbone(
-        cfg.backbone,
-        fpn_channels=cfg.fpn_channels,
-        levels="rcnn",
-        out_indices=cfg.out_indices,
-        pretrained=cfg.pretrained,
-        frozen_stages=cfg.frozen_stages,
-        frozen_bn=cfg.frozen_bn,
-        fpn_norm=cfg.fpn_norm,
-        bn_eps=cfg.bn_eps,
-    )
+    backbone = backbone_from_config(cfg, "rcnn")
     return SemanticFPN(
         backbone,
         cfg.num_classes + 1,

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from vision.config import Config
 from vision.data.records import Categories
+from vision.errors import ConfigError
 from vision.inference.result import Result
 from vision.inference.runner import Writer
 
@@ -66,6 +67,15 @@ class Task(ABC):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    def fill_num_classes(self, categories: Categories, exact: bool = False) -> None:
+        """``model.num_classes`` from the training data when 0; a config that has fewer (or, ``exact``,
+        other) classes than the data is an error."""
+        n, set_to = len(categories), self.cfg.model.num_classes
+        if set_to == 0:
+            self.cfg.model.num_classes = n
+        elif set_to < n or (exact and set_to != n):
+            raise ConfigError(f"model.num_classes={set_to} but the training set has {n} classes")
 
     # training and evaluation -------------------------------------------------------------------------
 

@@ -44,11 +44,7 @@ class ClassificationTask(Task):
 
         cfg = self.cfg
         train_set, val_set = build_classification_sets(cfg)
-        n = len(train_set.categories)
-        if cfg.model.num_classes == 0:
-            cfg.model.num_classes = n
-        elif cfg.model.num_classes != n:
-            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the training set has {n} classes")
+        self.fill_num_classes(train_set.categories, exact=True)
         return TrainingData(train_set, self._dataset(train_set, True), val_set, self._dataset(val_set, False))
 
     def validation_data(self, categories: Categories | None) -> tuple[Any, Dataset]:

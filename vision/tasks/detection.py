@@ -44,13 +44,7 @@ class DetectionTask(Task):
 
         cfg = self.cfg
         train_set, val_set = build_datasets(cfg)
-        if cfg.model.num_classes == 0:
-            cfg.model.num_classes = len(train_set.categories)
-        elif cfg.model.num_classes < len(train_set.categories):
-            raise ConfigError(
-                f"model.num_classes={cfg.model.num_classes} but the training set has "
-                f"{len(train_set.categories)} classes"
-            )
+        self.fill_num_classes(train_set.categories)
         return TrainingData(train_set, self._dataset(train_set, True), val_set, self._dataset(val_set, False))
 
     def validation_data(self, categories: Categories | None) -> tuple[DetectionSet, Dataset]:

@@ -42,12 +42,7 @@ class SemanticTask(Task):
 
         cfg = self.cfg
         train_set, val_set = build_semantic_sets(cfg)
-        if cfg.model.num_classes == 0:
-            cfg.model.num_classes = len(train_set.categories)
-        elif cfg.model.num_classes < len(train_set.categories):
-            raise ConfigError(
-                f"model.num_classes={cfg.model.num_classes} but the training set has {len(train_set.categories)} classes"
-            )
+        self.fill_num_classes(train_set.categories)
         return TrainingData(
             train_set, SemanticDataset(train_set, build_semantic_train_transform(cfg.data.augment)),
             val_set, SemanticDataset(val_set, build_semantic_eval_transform()),
