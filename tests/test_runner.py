@@ -151,3 +151,19 @@ def test_torchrun_ranks_share_the_images_of_every_task(tmp_path, arch):
     assert done[0] and done[1] and sorted(done[0] + done[1]) == [f"im{i:02d}.png" for i in range(6)]
     assert len(_entries(out, arch)) == 6
     assert [s["file_name"] for s in json.loads((out / "skipped.json").read_text())] == ["broken.png"]
+
+
+def test_a_decompression_bomb_in_the_folder_is_skipped_and_every_other_image_predicted(tmp_path, capsys):
+    """A 40000 x 40000 PNG of a few hundred bytes: refused from its header, listed, never decoded."""
+    from test_image_limits import png_header
+
+    weights = _checkpoint(tmp_path / "m.pt", "retinanet")
+    src, out = tmp_path / "imgs", tmp_path / "out"
+    _images(src, 0, 3)
+    (src / "bomb.png").write_bytes(png_header(40000, 40000, color_type=2))
+    assert _predict(weights, src, out) == 0
+    text = capsys.readouterr().out
+    assert text.strip().splitlines()[-1].startswith("predicted 3 images (0 already done, 1 unreadable skipped)")
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [s["file_name"] for s in skipped] == ["bomb.png"] and "pixels" in skipped[0]["error"]
+    assert sorted(_entries(out, "retinanet")) == ["im00.png", "im01.png", "im02.png"]
