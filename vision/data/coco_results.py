@@ -16,8 +16,6 @@ from vision.data.records import Categories
 __all__ = ["masks_to_rles", "prediction_to_results"]
 
 
-def _rle_of(mask: np.ndarray) -> dict[str, Any]:
-    return masks_to_rles(mask[None])[0]
 
 
 def masks_to_rles(masks: Any, threshold: float = 0.5) -> list[dict[str, Any]]:

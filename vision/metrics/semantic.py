@@ -57,11 +57,3 @@ def sum_confusions(matrices: Iterable[np.ndarray], num_classes: int) -> np.ndarr
         total += m
     return total
 
-
-def format_iou_table(per_class: dict[str, float]) -> str:
-    """Two columns: class, IoU in percent (n/a where the class is absent from both sides)."""
-    width = max([len(n) for n in per_class] + [8])
-    lines = [f"{'class':<{width}}  {'IoU':>6}"]
-    for name, v in per_class.items():
-        lines.append(f"{name:<{width}}  {v * 100:6.2f}" if np.isfinite(v) else f"{name:<{width}}  {'n/a':>6}")
-    return "\n".join(lines)

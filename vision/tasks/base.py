@@ -68,6 +68,15 @@ class Task(ABC):
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    @staticmethod
+    def check_classes(categories: Categories | None, val_set: Any) -> None:
+        """A validation set must have the classes the model was trained on, in the same order."""
+        if categories is not None and list(val_set.categories.names) != list(categories.names):
+            raise ConfigError(
+                f"the model was trained on classes {list(categories.names)}, the validation set "
+                f"({val_set.source}) has {list(val_set.categories.names)}"
+            )
+
     def fill_num_classes(self, categories: Categories, exact: bool = False) -> None:
         """``model.num_classes`` from the training data when 0; a config that has fewer (or, ``exact``,
         other) classes than the data is an error."""

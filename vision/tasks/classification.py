@@ -13,7 +13,6 @@ from torch.utils.data import Dataset
 
 from vision.config import Config
 from vision.data.records import Categories
-from vision.errors import ConfigError
 from vision.inference.dataset import predict_shards
 from vision.inference.result import Result, classification_result
 from vision.tasks.base import DETECTION_ONLY_OPTIONS, Task, TrainingData, WriterOptions
@@ -56,11 +55,7 @@ class ClassificationTask(Task):
         names = list(categories.names) if categories is not None else d.class_names
         val_set = read_classification_split(split, d.root, names, margin=d.crop_margin,
                                             skip_difficult=d.skip_difficult, min_size=d.crop_min_size)
-        if categories is not None and list(val_set.categories.names) != list(categories.names):
-            raise ConfigError(
-                f"the model was trained on classes {list(categories.names)}, the validation set "
-                f"({val_set.source}) has {list(val_set.categories.names)}"
-            )
+        self.check_classes(categories, val_set)
         drop_unreadable_samples(val_set)
         return val_set, self._dataset(val_set, False)
 

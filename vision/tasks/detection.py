@@ -13,7 +13,6 @@ from torch.utils.data import Dataset
 
 from vision.config import Config
 from vision.data.records import Categories, DetectionSet
-from vision.errors import ConfigError
 from vision.inference.dataset import predict_shards
 from vision.inference.result import Result, detection_result
 from vision.tasks.base import Task, TrainingData, WriterOptions
@@ -54,11 +53,7 @@ class DetectionTask(Task):
         split = d.val if d.val.ann else d.train
         names = list(categories.names) if categories is not None else d.class_names
         val_set = drop_unreadable_images(read_split(split, d.root, names))
-        if categories is not None and list(val_set.categories.names) != list(categories.names):
-            raise ConfigError(
-                f"the model was trained on classes {list(categories.names)}, the validation set "
-                f"({val_set.source}) has {list(val_set.categories.names)}"
-            )
+        self.check_classes(categories, val_set)
         return val_set, self._dataset(val_set, False)
 
     def collate(self, batch: list) -> Any:

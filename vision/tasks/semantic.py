@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vision.data.records import Categories
-from vision.errors import ConfigError
 from vision.inference.dataset import predict_shards
 from vision.inference.result import Result, semantic_result
 from vision.tasks.base import DETECTION_ONLY_OPTIONS, Task, TrainingData, WriterOptions
@@ -60,11 +59,7 @@ class SemanticTask(Task):
         split = d.val if d.val.ann else d.train
         names = list(categories.names) if categories is not None else d.class_names
         val_set = read_semantic_split(split, d.root, names)
-        if categories is not None and list(val_set.categories.names) != list(categories.names):
-            raise ConfigError(
-                f"the model was trained on classes {list(categories.names)}, the validation set "
-                f"({val_set.source}) has {list(val_set.categories.names)}"
-            )
+        self.check_classes(categories, val_set)
         self._prepare(val_set)
         validate_set(val_set)
         return val_set, SemanticDataset(val_set, build_semantic_eval_transform())
