@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from vision.data.autoaugment import POLICIES, DetectionAutoAugment, apply_operation, parse_policy
-from vision.data.autoaugment_ops import OPERATIONS, AutoAugmentHparams, mask_boxes
+from vision.data.autoaugment_ops import OPERATIONS, AutoAugmentHparams
+from vision.data.autoaugment_primitives import mask_boxes
 from vision.errors import VisionError
 
 H, W = 96, 128
