@@ -24,6 +24,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG = CONFIGS / "demo_retinanet.yaml"
 MASK_CONFIG = CONFIGS / "demo_mask_rcnn.yaml"
 DRAWN_IMAGES = 8
+# three shapes a person tells apart at a glance
+CLASSES = ("circle", "square", "triangle")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=400)
     parser.add_argument("--num-val", type=int, default=80)
     parser.add_argument("--size", type=int, nargs=2, default=(160, 128), metavar=("W", "H"), help="synthetic image size")
-    parser.add_argument("--classes", type=int, default=3, help="how many shape classes")
+    parser.add_argument("--classes", default=",".join(CLASSES),
+                        help="comma-separated shape names (see `vision synthetic --help`), or a count")
     parser.add_argument("--objects", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                         help="shapes per image")
     parser.add_argument("--object-size", type=float, nargs=2, default=(32.0, 72.0), metavar=("MIN", "MAX"),
@@ -62,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[1/{total}] synthetic data set -> {data_dir}")
     lo, hi = args.object_size
+    classes = int(args.classes) if args.classes.isdigit() else [c.strip() for c in args.classes.split(",")]
     make_synthetic_dataset(
         data_dir, num_train=args.num_train, num_val=args.num_val, image_size=tuple(args.size),
-        classes=args.classes, min_objects=args.objects[0], max_objects=args.objects[1],
+        classes=classes, min_objects=args.objects[0], max_objects=args.objects[1],
         min_object_size=lo, max_object_size=hi, max_occlusion=0.2, style=args.style, seed=0,
     )
     val_folder = _val_folder(data_dir, out / "val_images")
