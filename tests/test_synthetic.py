@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 
 from vision.cli import main
 from vision.data.synthetic import class_weights, make_synthetic_dataset
+from vision.errors import VisionError
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # pycocotools' decode under NumPy 2 warns about the copy keyword on every call.
@@ -240,3 +241,44 @@ def test_empty_images_and_jpeg(tmp_path: Path) -> None:
     for im in gt.dataset["images"]:
         assert im["file_name"].endswith(".jpg")
         assert cv2.imread(str(Path(s["images_dir"]) / im["file_name"])).shape == (48, 64, 3)
+
+
+
+def _pixels(root: str, data: dict, by_image: dict) -> list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]]:
+    """(image, background mask, shape masks) for every image of a split."""
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    out = []
+    for image_id, pairs in by_image.items():
+        img = cv2.imread(str(Path(root) / files[image_id])).astype(np.float32)
+        fg = np.zeros(img.shape[:2], bool)
+        for _, m in pairs:
+            fg |= m
+        out.append((img, ~fg, [m for _, m in pairs]))
+    return out
+
+
+def _spread(pixels: np.ndarray) -> float:
+    return float((np.percentile(pixels, 99, 0) - np.percentile(pixels, 1, 0)).max())
+
+
+def test_plain_style_has_flat_backgrounds_and_contrasting_flat_shapes(tmp_path: Path) -> None:
+    """The demo's easy data: nothing but the annotated shapes stands out, and every shape does."""
+    kw = {"num_train": 12, "num_val": 0, "image_size": (96, 80), "classes": 3, "min_object_size": 20,
+          "max_object_size": 40, "seed": 1}
+    plain = make_synthetic_dataset(tmp_path / "plain", style="plain", **kw)
+    textured = make_synthetic_dataset(tmp_path / "textured", **kw)
+    plain_data, plain_masks = _masks_by_image(plain["train"])
+    tex_data, tex_masks = _masks_by_image(textured["train"])
+    assert plain_data["info"]["style"] == "plain" and "style" not in tex_data["info"]
+    assert len(plain_data["annotations"]) >= 12
+    spreads = []
+    for img, bg, shapes in _pixels(plain["images_dir"], plain_data, plain_masks):
+        spreads.append(_spread(img[bg]))
+        for m in shapes:  # a flat colour (up to the noise), far from the background's
+            assert _spread(img[m]) <= 10
+            assert np.abs(img[m].mean(0) - np.median(img[bg], 0)).sum() > 100
+    tex_spreads = [_spread(img[bg]) for img, bg, _ in _pixels(textured["images_dir"], tex_data, tex_masks)]
+    assert max(spreads) <= 70  # a gentle shade (at most 30 per channel) plus a little noise
+    assert np.median(tex_spreads) > 2 * max(spreads)
+    with pytest.raises(VisionError, match="style"):
+        make_synthetic_dataset(tmp_path / "bad", style="fancy", **kw)

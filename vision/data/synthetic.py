@@ -4,7 +4,9 @@ Tests and the demo need detection / segmentation data that is small, made in sec
 licences and downloads, and whose ground truth is known to the pixel.  Shapes are the classes; their
 colour, fill, size, rotation and the background are random and independent of the class, so a model
 has to learn shape.  Backgrounds mix smooth noise, gradients, stripes, unannotated colour blobs and
-lines so that "anything not flat is an object" does not work either.
+lines so that "anything not flat is an object" does not work either.  ``style="plain"`` is the easy
+version a person sees at a glance (the demo's): a flat or gently shaded background without clutter, and
+flat-coloured shapes that stand out from what lies under them.
 
 Every shape is a set of polygons rasterised by pycocotools' own polygon rasteriser, so a shape written
 as a COCO polygon decodes to exactly the pixels that were painted; occluded shapes and shapes with
@@ -214,6 +216,30 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
+def _plain_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A flat colour shading gently into a near one: nothing in it looks like an object."""
+    c0 = _colour(rng)
+    c1 = np.clip(c0 + rng.uniform(-30, 30, 3), 0, 255).astype(np.float32)
+    p = _projection(rng, h, w)
+    lo = float(p.min())
+    t = (p - lo) / max(float(p.max()) - lo, 1.0)
+    return c0 + t[..., None] * (c1 - c0)
+
+
+def _plain_fill(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A flat colour far from the colour underneath (the best of a few draws)."""
+    under = img[mask].mean(0)
+    best, best_gap = _colour(rng), -1.0
+    for _ in range(16):
+        colour = _colour(rng)
+        gap = float(np.abs(colour - under).sum())
+        if gap > best_gap:
+            best, best_gap = colour, gap
+        if gap >= 240:
+            break
+    return np.broadcast_to(best, (int(mask.sum()), 3))
+
+
 # --------------------------------------------------------------------------------------------------
 # One image.
 
@@ -231,6 +257,7 @@ class _Spec:
     min_visible_pixels: int
     polygon_fraction: float
     seed: int
+    style: str = "textured"
 
 
 @dataclass
@@ -325,7 +352,8 @@ def _render(spec: _Spec, split: str, index: int, labels: Sequence[int]) -> tuple
     """One image (uint8 RGB), its instance-id map (0 background, i for instance i) and instances."""
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _SPLITS[split], _PURPOSE_IMAGE, index]))
     h, w = spec.height, spec.width
-    img = _background(rng, h, w)
+    plain = spec.style == "plain"
+    img = _plain_background(rng, h, w) if plain else _background(rng, h, w)
     idmap = np.zeros((h, w), np.int32)
     instances: list[_Instance] = []
     full: list[int] = []
@@ -342,8 +370,8 @@ def _render(spec: _Spec, split: str, index: int, labels: Sequence[int]) -> tuple
         full.append(inst.area)
         vis.append(inst.area)
         idmap[mask] = len(instances)
-        img[mask] = _fill_for(rng, img, mask)
-    spread = rng.uniform(0, 24)  # sensor-like noise, uniform because it is 4x cheaper than normal
+        img[mask] = _plain_fill(rng, img, mask) if plain else _fill_for(rng, img, mask)
+    spread = rng.uniform(0, 8 if plain else 24)  # sensor-like noise, uniform because it is 4x cheaper than normal
     if spread > 2:
         img += np.float32(spread) * (rng.random(img.shape, dtype=np.float32) - np.float32(0.5))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), idmap, instances
@@ -472,6 +500,7 @@ def make_synthetic_dataset(
     semantic_ignore_width: int = 0,
     empty_fraction: float = 0.0,
     image_format: str = "png",
+    style: str = "textured",
 ) -> dict[str, Any]:
     """Write ``train.json``, ``val.json`` and ``images/`` (and ``semantic/`` if asked) under ``out_dir``.
 
@@ -486,7 +515,9 @@ def make_synthetic_dataset(
     share of a shape a later one may hide.  ``polygon_fraction`` of the shapes that can be (unoccluded,
     no holes) are written as polygons, the rest as RLE.  Semantic masks hold the contiguous label
     (1..K in category-id order, 0 background, 255 along instance boundaries when
-    ``semantic_ignore_width`` > 0).  Returns paths and per-class instance counts.
+    ``semantic_ignore_width`` > 0).  ``style`` is ``"textured"`` (cluttered backgrounds, textured
+shapes: the hard default) or ``"plain"`` (plain backgrounds, flat high-contrast shapes, little noise).
+Returns paths and per-class instance counts.
     """
     width, height = (int(v) for v in image_size)
     if isinstance(classes, int):
@@ -505,13 +536,14 @@ def make_synthetic_dataset(
     _check(0 <= max_occlusion < 1, "max_occlusion must be in [0, 1)")
     _check(0 <= polygon_fraction <= 1 and 0 <= empty_fraction <= 1, "fractions must be in [0, 1]")
     _check(image_format in ("png", "jpg"), f"image_format must be png or jpg, got {image_format!r}")
+    _check(style in ("textured", "plain"), f"style must be textured or plain, got {style!r}")
     max_size = float(max_object_size or 0.45 * min(width, height))
     max_size = min(max_size, min(width, height) - 2.0)
     min_size = float(min(16.0, max_size) if min_object_size is None else min_object_size)
     _check(4 <= min_size <= max_size, f"need 4 <= min object size <= max, got {min_size:g} and {max_size:g}")
 
     spec = _Spec(width, height, names, min_objects, max_objects, min_size, max_size,
-                 float(max_occlusion), int(min_visible_pixels), float(polygon_fraction), seed)
+                 float(max_occlusion), int(min_visible_pixels), float(polygon_fraction), seed, style)
     cat_ids = tuple(i + 1 if contiguous_ids else 2 * i + 1 for i in range(len(names)))
     categories = [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(cat_ids, names)]
     weights = class_weights(len(names), long_tail)
@@ -528,6 +560,8 @@ def make_synthetic_dataset(
         "seed": seed, "image_size": [width, height], "long_tail": long_tail, "balanced_val": balanced_val,
         "one_class_per_image": one_class_per_image, "max_occlusion": max_occlusion,
     }
+    if style != "textured":
+        info["style"] = style
 
     summary: dict[str, Any] = {
         "out_dir": str(out), "images_dir": str(images_dir),
