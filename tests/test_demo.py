@@ -10,7 +10,7 @@ import pytest
 from vision.cli import main as cli
 from vision.config import load_config
 from vision.data.coco import load_json
-from vision.engine.coco_eval import evaluate_coco
+from vision.metrics.coco import evaluate_coco
 from vision.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
