@@ -470,8 +470,8 @@ class Trainer:
                 f"(best {self.pos.best_score:.4f})"
             )
         self.model.train()
-        self._log_time = time.monotonic()  # throughput excludes evaluation
-        self._eval_seconds = self._log_time - t0
+        self._eval_seconds = time.monotonic() - t0
+        self._log_time += self._eval_seconds  # throughput excludes evaluation (images since the last log stay counted)
         return improved
 
     def summary(self) -> dict[str, Any]:
