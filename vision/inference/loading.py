@@ -52,6 +52,19 @@ def categories_from_checkpoint(ckpt: dict[str, Any]) -> Categories:
     return Categories.from_names(names)
 
 
+def resolve_config(
+    weights: str | os.PathLike, ckpt: dict[str, Any], config: str | os.PathLike | None, overrides: Sequence[str],
+    missing: str,
+) -> Config:
+    """``config`` (+ overrides) when given, else the checkpoint's own config (+ overrides); a plain
+    state_dict without ``config`` is ``"{weights}: {missing}"``."""
+    if config:
+        return load_config(config, list(overrides))
+    if isinstance(ckpt.get("config"), dict):
+        return merge_overrides(ckpt["config"], overrides)
+    raise VisionError(f"{weights}: {missing}")
+
+
 def load_for_inference(
     weights: str | os.PathLike, config: str | os.PathLike | None = None, overrides: Sequence[str] = ()
 ) -> LoadedModel:
@@ -61,14 +74,8 @@ def load_for_inference(
     from vision.models.weights import load_checkpoint, load_model_weights
 
     ckpt = load_checkpoint(weights)
-    is_vision = isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt
-    if config is not None:
-        cfg = load_config(config, list(overrides))
-    elif is_vision:
-        cfg = merge_overrides(ckpt["config"], overrides) if ckpt["config"] else load_config(None, list(overrides))
-    else:
-        raise VisionError(f"{weights}: a plain state_dict needs --config to say which model it is")
-    if is_vision:
+    cfg = resolve_config(weights, ckpt, config, overrides, "a plain state_dict needs --config to say which model it is")
+    if isinstance(ckpt.get("config"), dict):  # a vision checkpoint
         categories = categories_from_checkpoint(ckpt)
     elif cfg.data.class_names:
         categories = Categories.from_names(cfg.data.class_names)

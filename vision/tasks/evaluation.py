@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from vision.atomic import atomic_write
-from vision.errors import ConfigError
 from vision.tasks.base import Task
 
 
@@ -28,17 +27,6 @@ class Evaluation:
     plots: list[Path] = field(default_factory=list)
 
 
-def _resolve_config(config: str | os.PathLike | None, overrides: Sequence[str], ckpt: dict[str, Any], weights: Any):
-    """CONFIG (+ overrides) when given, else the checkpoint's own config (+ overrides)."""
-    from vision.config import load_config, merge_overrides
-
-    if config:
-        return load_config(config, list(overrides))
-    if isinstance(ckpt.get("config"), dict):
-        return merge_overrides(ckpt["config"], overrides)
-    raise ConfigError(f"{weights} is a plain state_dict with no config inside: give the CONFIG it was trained with")
-
-
 def evaluate_checkpoint(
     weights: str | os.PathLike,
     config: str | os.PathLike | None = None,
@@ -49,7 +37,7 @@ def evaluate_checkpoint(
     plots: bool = True,
 ) -> Evaluation:
     """Scores ``weights``; writes ``metrics.json`` (default: beside the weights) and the plots."""
-    from vision.inference.loading import categories_from_checkpoint
+    from vision.inference.loading import categories_from_checkpoint, resolve_config
     from vision.metrics.coco import keep_coco_evals
     from vision.models import build_model
     from vision.models.weights import load_checkpoint, load_model_weights
@@ -58,7 +46,8 @@ def evaluate_checkpoint(
     from vision.tasks import task_for
 
     ckpt = load_checkpoint(weights)  # read once: {"model": state_dict[, "config", "categories", ...]}
-    cfg = _resolve_config(config, overrides, ckpt, weights)
+    cfg = resolve_config(weights, ckpt, config, overrides,
+                         "is a plain state_dict with no config inside: give the CONFIG it was trained with")
     categories = categories_from_checkpoint(ckpt) if ckpt.get("class_names") or ckpt.get("categories") else None
     task = task_for(cfg)
     val_set, dataset = task.validation_data(categories)
