@@ -234,6 +234,7 @@ def test_tiny_classification_run_checkpoint_predict_and_report(tmp_path) -> None
         name = str(Path(r.path).relative_to(tmp_path))
         assert [r.top_k[0][0], f"{r.top_k[0][1]:.6f}"] == by_file[name]
         assert r.probs.shape == (2,) and abs(float(r.probs.sum()) - 1.0) < 1e-5
+        assert r.image.shape == (*r.shape, 3) and r.image.dtype == np.uint8  # the image as read, for draw()
     # --amp (bfloat16 where the CPU runs it natively) gives the same classes; a precision the device lacks
     # fails up front
     assert main(["predict", "--weights", str(best), "--source", str(listed), "--out", str(tmp_path / "pred_amp"),

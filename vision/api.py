@@ -112,21 +112,20 @@ class Model:
             return
         import logging
 
-        from vision.data.image_io import list_images, read_image
+        from vision.data.image_io import list_images
         from vision.inference.runner import iter_predictions
 
         paths = [str(p) for p in source] if isinstance(source, (list, tuple)) else list_images(source)
         if not paths:
             raise VisionError(f"{source}: no images found")
         for i, img, size, pred, err in iter_predictions(
-            self.predictor, paths, batch_size=batch_size, num_workers=workers, preprocess=self._preprocess
+            self.predictor, paths, batch_size=batch_size, num_workers=workers, preprocess=self._preprocess,
+            keep_original=keep_images,
         ):
             if err is not None:
                 logging.getLogger(__name__).warning("skipping unreadable image: %s", err)
                 continue
-            image = None
-            if keep_images:
-                image = img.permute(1, 2, 0).numpy() if self._preprocess is None else read_image(paths[i])
+            image = img.permute(1, 2, 0).numpy() if keep_images and img is not None else None
             yield self.task.result(pred, self.categories, paths[i], size, image)
 
     def _predict_arrays(self, arrays: list[np.ndarray], batch_size: int, keep_images: bool) -> Iterator[Result]:

@@ -95,24 +95,31 @@ class ImageFiles(Dataset):
     """Decodes images by path in DataLoader workers; a bad file yields its error instead of pixels.
 
     ``preprocess`` (the task's, e.g. a classifier's resize and crop) runs in the worker too; the
-    original size always travels with the image."""
+    original size always travels with the image, and the original pixels when ``keep_original`` asks
+    for them beside a preprocessed input (without ``preprocess`` the input is the original)."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable[[np.ndarray], torch.Tensor] | None = None):
+    def __init__(self, paths: Sequence[str], preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
+                 keep_original: bool = False):
         self.paths = list(paths)
         self.preprocess = preprocess
+        self.keep_original = keep_original
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, tuple[int, int], str | None]:
+    def __getitem__(
+        self, index: int
+    ) -> tuple[int, torch.Tensor | None, torch.Tensor | None, tuple[int, int], str | None]:
+        """``(index, model input, original uint8 CHW or None, (h, w), error)``."""
         try:
             image = read_image(self.paths[index])
         except ImageReadError as e:
-            return index, None, (0, 0), str(e)
+            return index, None, None, (0, 0), str(e)
         size = (int(image.shape[0]), int(image.shape[1]))
+        pixels = torch.from_numpy(image).permute(2, 0, 1)
         if self.preprocess is not None:
-            return index, self.preprocess(image), size, None
-        return index, torch.from_numpy(image).permute(2, 0, 1), size, None
+            return index, self.preprocess(image), pixels if self.keep_original else None, size, None
+        return index, pixels, pixels, size, None
 
 
 def _keep_lists(batch: list) -> list:
@@ -126,8 +133,10 @@ def iter_predictions(
     batch_size: int = 2,
     num_workers: int = 2,
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
+    keep_original: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor | None, tuple[int, int], dict[str, Any] | None, str | None]]:
-    """``(index into paths, model input, (h, w), prediction, error)`` for each path, in batches.
+    """``(index into paths, original uint8 CHW image or None, (h, w), prediction, error)`` for each path,
+    in batches.  The original is there without ``preprocess``, and with it where ``keep_original``.
 
     An unreadable file comes out with its error and no prediction; it never stops the others."""
     if batch_size < 1:
@@ -135,16 +144,16 @@ def iter_predictions(
     if num_workers < 0:
         raise VisionError(f"decoding workers must be 0 or more, got {num_workers}")
     loader = DataLoader(
-        ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists,
+        ImageFiles(paths, preprocess, keep_original), batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists,
         pin_memory=predictor.device.type == "cuda", worker_init_fn=seed_worker if num_workers else None,
         prefetch_factor=2 if num_workers else None,
     )
     for batch in loader:
-        good = [(i, img, size) for i, img, size, err in batch if err is None]
-        outputs = predictor.predict([img for _, img, _ in good]) if good else []
-        preds = {i: o for (i, _, _), o in zip(good, outputs)}
-        for i, img, size, err in batch:
-            yield i, img, size, preds.get(i), err
+        good = [(i, img) for i, img, _, _, err in batch if err is None]
+        outputs = predictor.predict([img for _, img in good]) if good else []
+        preds = {i: o for (i, _), o in zip(good, outputs)}
+        for i, _, original, size, err in batch:
+            yield i, original, size, preds.get(i), err
 
 
 # Names, logs, manifest -------------------------------------------------------------------------------
@@ -340,7 +349,7 @@ def run_folder(
                 log.warning("skipping unreadable image: %s", err)
                 partial.write(json.dumps({"image": {"file_name": name}, "skipped": err}) + "\n")
             else:
-                entry = writer.entry(name, None if preprocess is not None else img, size, pred)
+                entry = writer.entry(name, img, size, pred)
                 summary.done += 1
                 summary.counted += writer.count(entry)
                 partial.write(json.dumps({"image": {"file_name": name, "width": size[1], "height": size[0]},
