@@ -7,24 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from recipes import write_tiny_recipe
 
 from vision.cli import main as cli
 from vision.data.synthetic import make_synthetic_dataset
 from vision.engine.checkpoint import atomic_save, load_checkpoint_file
-
-RECIPE = {
-    "name": "ids",
-    "model": {
-        "arch": "retinanet", "backbone": "test_resnet", "fpn_channels": 16, "min_size": [64], "max_size": 64,
-        "anchor_sizes": [[8], [16], [32], [48], [64]], "aspect_ratios": [1.0], "score_thresh": 0.0,
-    },
-    "data": {
-        "root": "", "train": {"ann": "train.json", "images": "images"},
-        "val": {"ann": "val.json", "images": "images"}, "batch_size": 2, "num_workers": 0,
-    },
-    "train": {"device": "cpu", "epochs": 2, "lr": 0.01, "warmup_iters": 1, "log_every": 1},
-}
 
 
 def _with_placeholder(path: Path) -> None:
@@ -46,10 +33,7 @@ def _train(tmp: Path, placeholder: bool) -> dict[str, Path]:
     if placeholder:
         _with_placeholder(Path(info["train"]))
         _with_placeholder(Path(info["val"]))
-    recipe = json.loads(json.dumps(RECIPE))
-    recipe["data"]["root"] = str(data)
-    cfg = tmp / "ids.yaml"
-    cfg.write_text(yaml.safe_dump(recipe))
+    cfg = write_tiny_recipe(tmp / "ids.yaml", "ids", data, epochs=2)
     run = tmp / "run"
     assert cli(["train", str(cfg), "--output", str(run)]) == 0
     return {"data": data, "val": Path(info["val"]), "run": run, "cfg": cfg}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from recipes import write_tiny_recipe
 
 from vision.metrics import plots
 from vision.metrics.confusion import classification_confusion_matrix, detection_confusion_matrix
@@ -191,20 +191,6 @@ def test_commands_that_do_not_draw_do_not_import_matplotlib():
     assert out.strip() == "[]"
 
 
-RECIPE = {
-    "name": "plots",
-    "model": {
-        "arch": "retinanet", "backbone": "test_resnet", "fpn_channels": 16, "min_size": [64], "max_size": 64,
-        "anchor_sizes": [[8], [16], [32], [48], [64]], "aspect_ratios": [1.0], "score_thresh": 0.0,
-    },
-    "data": {
-        "root": "", "train": {"ann": "train.json", "images": "images"},
-        "val": {"ann": "val.json", "images": "images"}, "batch_size": 2, "num_workers": 0,
-    },
-    "train": {"device": "cpu", "epochs": 1, "lr": 0.01, "warmup_iters": 1, "log_every": 1},
-}
-
-
 def test_train_and_eval_write_their_plots(tmp_path, capfd):
     from vision.cli import main as cli
     from vision.data.synthetic import make_synthetic_dataset
@@ -212,10 +198,7 @@ def test_train_and_eval_write_their_plots(tmp_path, capfd):
     data = tmp_path / "data"
     make_synthetic_dataset(data, num_train=4, num_val=2, image_size=(64, 64), classes=2, max_objects=3,
                            min_object_size=12, seed=3)
-    recipe = json.loads(json.dumps(RECIPE))
-    recipe["data"]["root"] = str(data)
-    cfg = tmp_path / "plots.yaml"
-    cfg.write_text(yaml.safe_dump(recipe))
+    cfg = write_tiny_recipe(tmp_path / "plots.yaml", "plots", data)
     run = tmp_path / "run"
     assert cli(["train", str(cfg), "--output", str(run)]) == 0
     out = capfd.readouterr().out.strip().splitlines()

@@ -8,23 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from recipes import write_tiny_recipe
 
 from vision.cli import main as cli
 from vision.data.synthetic import make_synthetic_dataset
 from vision.engine.checkpoint import atomic_save, load_checkpoint_file
-
-RECIPE = {
-    "name": "cli",
-    "model": {
-        "arch": "retinanet", "backbone": "test_resnet", "fpn_channels": 16, "min_size": [64], "max_size": 64,
-        "anchor_sizes": [[8], [16], [32], [48], [64]], "aspect_ratios": [1.0], "score_thresh": 0.0,
-    },
-    "data": {
-        "root": "", "train": {"ann": "train.json", "images": "images"},
-        "val": {"ann": "val.json", "images": "images"}, "batch_size": 2, "num_workers": 0,
-    },
-    "train": {"device": "cpu", "epochs": 1, "lr": 0.01, "warmup_iters": 1, "log_every": 1},
-}
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +24,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     # one training image is damaged: it must be reported and skipped, not stop the run
     bad = data / "images" / json.loads(Path(info["train"]).read_text())["images"][0]["file_name"]
     bad.write_bytes(bad.read_bytes()[:40])
-    recipe = json.loads(json.dumps(RECIPE))
-    recipe["data"]["root"] = str(data)
-    cfg = tmp / "cli.yaml"
-    cfg.write_text(yaml.safe_dump(recipe))
+    cfg = write_tiny_recipe(tmp / "cli.yaml", "cli", data)
     return {"tmp": tmp, "cfg": cfg, "run": tmp / "run", "bad": bad}
 
 
