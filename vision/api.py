@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,7 @@ class Model:
         if len(self.loaded) > 1 and self.task.name != "detection":
             raise VisionError(f"several models: ensembling is for detectors, {first.source} is a {self.task.name} model")
         self.options = options
-        engine = options.engine
-        if options.precision:
-            engine.precision = options.precision
+        engine = replace(options.engine, precision=options.precision) if options.precision else options.engine
         self.spec = FusionSpec(options.fusion, options.iou, options.skip_score)
         self.predictor = predictor_of(
             self.loaded, device=options.device, amp=options.amp, tta=options.tta, tta_scales=options.tta_scales,

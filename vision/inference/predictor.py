@@ -20,12 +20,11 @@ from vision.runtime.precision import amp_precision, precision_context, precision
 
 
 class Predictor:
-    """One model, batched inference on uint8 images, predictions in original-image pixels.
+    """One model run by the engine (see the module docstring).
 
-    ``engine`` says how the model is run (``inference.py``): by default batch norms folded,
-    ``channels_last`` and one image per forward pass on a CPU, float32.  ``amp`` is the older
-    switch for reduced precision (bfloat16 on CPU, float16 on CUDA); ``engine.precision`` wins
-    where both are given.  ``EngineOptions.plain()`` runs the model exactly as trained.
+    ``amp`` is the older switch for reduced precision (bfloat16 on CPU, float16 on CUDA);
+    ``engine.precision`` wins where both are given.  ``EngineOptions.plain()`` runs the model exactly
+    as trained.
     """
 
     def __init__(
