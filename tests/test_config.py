@@ -1,5 +1,6 @@
 import pytest
 
+from tests.helpers import CONFIGS
 from vision.config import Config, load_config, save_config
 from vision.errors import ConfigError
 
@@ -100,9 +101,8 @@ def test_model_kwargs_are_passed_through_unchecked():
 
 
 def test_every_shipped_config_is_in_range():
-    from pathlib import Path
 
-    configs = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    configs = sorted(CONFIGS.glob("*.yaml"))
     assert configs
     for path in configs:
         load_config(path)

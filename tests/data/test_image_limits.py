@@ -36,26 +36,7 @@ from vision.data.semantic import SemanticItem, SemanticSet, validate_set
 from vision.data.yolo import read_yolo
 from vision.errors import DataError, ImageReadError
 
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_header(width: int, height: int, color_type: int = 0) -> bytes:
-    """A PNG declaring width x height (8-bit gray or RGB) with one compressed row of zeros."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + _chunk(b"IEND", b""))
-
-
-def jpeg_declaring(width: int, height: int) -> bytes:
-    """A small real JPEG whose frame header (SOF0) is rewritten to declare width x height."""
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 20, 200)).save(buf, "JPEG")
-    data = bytearray(buf.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
+from tests.helpers.images import jpeg_declaring, png_header
 
 
 @pytest.fixture(autouse=True)

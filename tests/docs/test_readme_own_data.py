@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import PROJECT_ROOT
 from vision.cli import main
 from vision.data.synthetic import make_synthetic_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = (PROJECT_ROOT / "README.md").read_text()
 SMALL = ["model.backbone=test_resnet", "model.fpn_channels=16", "model.min_size=[64]", "model.max_size=96",
          "model.anchor_sizes=[[8],[16],[32],[48],[64]]", "data.num_workers=0", "train.max_iters=3",
          "train.time_budget_min=null", "train.amp=false", "train.warmup_iters=1", "model.score_thresh=0.0"]
@@ -56,7 +56,7 @@ def test_the_readme_quickstart_on_a_coco_export(tmp_path, monkeypatch, capsys):
     config = _block("<!-- own-data-config -->").replace("/data/my_export", str(export))
     assert len([ln for ln in config.splitlines() if ln.strip() and not ln.strip().startswith("#")]) <= 10
     (tmp_path / "my_data.yaml").write_text(config)
-    (tmp_path / "configs").symlink_to(ROOT / "configs")  # the README's config sits beside configs/
+    (tmp_path / "configs").symlink_to(PROJECT_ROOT / "configs")  # the README's config sits beside configs/
     monkeypatch.chdir(tmp_path)
     for line in _block("<!-- own-data-commands -->").splitlines():
         words = shlex.split(line.split("#")[0].replace("/data/my_export", str(export)))

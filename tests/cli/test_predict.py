@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import PROJECT_ROOT
 from vision.cli import main
 from vision.data.records import Categories
 from vision.ensemble import Hierarchy, fuse_results
@@ -33,29 +34,16 @@ def predict_paths(predictor, paths, out, *, root=None, expand=None, categories=N
     root = source_root(root, paths) if root is not None else source_root(paths[0], paths)
     return run_folder(predictor, paths, out, writer, root=root, manifest={"task": "detection"}, **kwargs)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _checkpoint(path: Path, seed: int, names=("cell", "dot")) -> str:
-    from vision.config import Config, ModelConfig, config_to_dict
-    from vision.models import build_model
-
-    torch.manual_seed(seed)
-    cfg = Config()
-    cfg.model = ModelConfig(arch="retinanet", backbone="test_resnet", num_classes=len(names), fpn_channels=16,
-                            min_size=[64], max_size=96, score_thresh=0.0, detections_per_img=15)
-    model = build_model(cfg.model)
-    with torch.no_grad():  # spread the scores: an untrained head ties them all at 0.01, and ties order at random
-        torch.nn.init.normal_(model.head.classification_head.cls_logits.weight, std=0.3)
-    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": list(names),
-                "arch": "retinanet"}, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> list[str]:
-    d = tmp_path_factory.mktemp("ckpt")
-    return [_checkpoint(d / "a.pt", 0), _checkpoint(d / "b.pt", 1), _checkpoint(d / "other.pt", 2, ("x", "y"))]
+def ckpts(tiny_checkpoint) -> list[str]:
+    """Two models with the same classes and a third with other classes, saved as older versions did (no ids)."""
+    options = {"spread_scores": True, "with_categories": False,
+               "overrides": ("model.max_size=96", "model.detections_per_img=15")}
+    return [str(tiny_checkpoint(filename="a.pt", seed=0, names=("cell", "dot"), **options)),
+            str(tiny_checkpoint(filename="b.pt", seed=1, names=("cell", "dot"), **options)),
+            str(tiny_checkpoint(filename="other.pt", seed=2, names=("x", "y"), **options))]
 
 
 def _good_images(folder: Path, n: int = 3) -> list[str]:
@@ -239,12 +227,12 @@ def test_ensemble_needs_same_class_names(ckpts) -> None:
 def test_torchrun_ranks_share_images_and_rank0_merges(tmp_path, ckpts) -> None:
     good = _good_images(tmp_path / "imgs", 5)
     (tmp_path / "imgs" / "broken.jpg").write_text("not an image")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vision.cli",
          "predict", "--weights", ckpts[0], "--source", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
          "--workers", "0", "--csv"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
+        capture_output=True, text=True, env=env, timeout=300, cwd=PROJECT_ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("predicted 5 images") == 1 and "broken.jpg" in proc.stdout

@@ -11,41 +11,26 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import vision
+from tests.helpers import PROJECT_ROOT
+from tests.helpers.images import write_random_images
 from vision.cli import main
-from vision.config import Config, ModelConfig, config_to_dict, load_config
-from vision.engine.checkpoint import atomic_save
 from vision.errors import VisionError
-from vision.models import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory) -> Path:
+def detector(tiny_checkpoint) -> Path:
     """A RetinaNet whose scores are spread (an untrained head ties them all), with gapped category ids."""
-    path = tmp_path_factory.mktemp("api") / "det.pt"
-    torch.manual_seed(0)
-    cfg = Config()
-    cfg.model = ModelConfig(arch="retinanet", backbone="test_resnet", num_classes=2, fpn_channels=16,
-                            min_size=[64], max_size=96, score_thresh=0.0, detections_per_img=20)
-    model = build_model(cfg.model)
-    with torch.no_grad():
-        torch.nn.init.normal_(model.head.classification_head.cls_logits.weight, std=0.3)
-    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": ["cell", "dot"],
-                "categories": {"ids": [3, 7], "names": ["cell", "dot"]}, "arch": "retinanet"}, path)
-    return path
+    return tiny_checkpoint(names=("cell", "dot"), ids=(3, 7), spread_scores=True,
+                           overrides=("model.max_size=96", "model.detections_per_img=20"))
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate([(48, 64), (60, 52), (40, 72)]):
-        cv2.imwrite(str(d / f"img{i}.png"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    write_random_images(d, [(48, 64), (60, 52), (40, 72)])
     return d
 
 
@@ -113,22 +98,19 @@ def test_three_lines_in_a_fresh_interpreter(detector, folder):
         f"r = model.predict({str(folder / 'img1.png')!r})[0]\n"
         "print(type(r).__name__, r.boxes.shape[1], sorted(set(r.labels.tolist()) - {3, 7}), r.shape)\n"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(PROJECT_ROOT))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "Result 4 [] (60, 52)"
 
 
-def test_bad_inputs_are_one_line_errors(detector, tmp_path):
+def test_bad_inputs_are_one_line_errors(detector, tiny_checkpoint, tmp_path):
     model = vision.load(detector, device="cpu")
     with pytest.raises(VisionError, match="no images found"):
         model.predict(str(tmp_path / "nothing_here"))
     with pytest.raises(VisionError, match=r"expected an HxWx3 RGB array, got shape \(4, 5, 6, 7\)"):
         model.predict(np.zeros((4, 5, 6, 7), np.uint8))
-    cfg = load_config(None, ["model.arch=classifier", "model.backbone=test_resnet", "model.num_classes=2"])
-    classifier = tmp_path / "cls.pt"
-    atomic_save({"model": build_model(cfg.model).state_dict(), "config": config_to_dict(cfg), "arch": "classifier",
-                 "class_names": ["a", "b"]}, classifier)
+    classifier = tiny_checkpoint("classifier")
     with pytest.raises(VisionError, match="ensembling is for detectors"):
         vision.load([classifier, classifier], device="cpu")
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import SHARED_DATA
 from vision.ensemble.hierarchy import expand_coco_ground_truth, expand_detections, load_hierarchy
 from vision.errors import DataError
 
-OPENIMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "openimages"
+OPENIMAGES = SHARED_DATA / "openimages"
 
 # Open Images layout: Cat under both Animal and Pet; Wheel is a Part of Car (not a kind of car), and
 # Tyre appears only inside that Part entry, so it is not in the hierarchy at all.

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.helpers import PROJECT_ROOT
+
 # A fresh interpreter per case: the malloc settings are process-wide and cannot be undone.
 # Each activation is 36 MiB, above glibc's largest dynamic mmap threshold (32 MiB), so by default
 # it is always a fresh mapping that ``free`` unmaps, whatever the process allocated before.
@@ -59,7 +61,7 @@ def _mallinfo(retain: bool) -> tuple[bool, int, int, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     env["VISION_RETAIN_FREED_MEMORY"] = "1"
     out = subprocess.run([sys.executable, "-c", PROGRAM, "1" if retain else "0", str(SIDE)], capture_output=True, text=True,
-                         env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                         env=env, check=True, cwd=PROJECT_ROOT)
     if out.stdout.strip() == "unsupported":
         pytest.skip("no mallinfo2 (glibc older than 2.33)")
     applied, mapped, kept, growth = out.stdout.split()
@@ -88,5 +90,5 @@ def test_retention_can_be_turned_off() -> None:
     env = dict(os.environ, VISION_RETAIN_FREED_MEMORY="0")
     code = "from vision.runtime.host_memory import retain_freed_memory; print(retain_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+                         cwd=PROJECT_ROOT)
     assert out.stdout.strip() == "False"

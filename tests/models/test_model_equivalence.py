@@ -20,6 +20,7 @@ from torchvision.models.detection import (
     retinanet_resnet50_fpn,
 )
 
+from tests.helpers import CONFIGS
 from vision.config import ModelConfig
 from vision.models import build_model
 from vision.models.weights import load_model_weights
@@ -156,7 +157,6 @@ def test_coco_mask_rcnn_config_runs_torchvisions_coco_weights(tmp_path) -> None:
     ``vision predict --weights model.pth --config ...`` loads it, and run by the inference engine (batched
     post-processing and mask paste; no folding, so the arithmetic is torchvision's): torchvision's
     detections, masks equal, and torchvision's COCO category names by label."""
-    from pathlib import Path
 
     from torchvision.models.detection.mask_rcnn import MaskRCNN_ResNet50_FPN_Weights
 
@@ -169,7 +169,7 @@ def test_coco_mask_rcnn_config_runs_torchvisions_coco_weights(tmp_path) -> None:
     ref = _coco_v1_mask_rcnn(size, size)
     weights = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
     torch.save(ref.state_dict(), weights)
-    config = Path(__file__).resolve().parents[1] / "configs" / "mask_rcnn_r50_fpn.yaml"
+    config = CONFIGS / "mask_rcnn_r50_fpn.yaml"
     kwargs = ",".join(f"{k}: {v}" for k, v in RCNN_KWARGS.items())
     model, cfg, categories = load_model_for_inference(
         weights, config, [f"model.min_size=[{size}]", f"model.max_size={size}", f"model.kwargs={{{kwargs}}}"]

@@ -8,40 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-import torch
 
+from tests.helpers import PROJECT_ROOT
+from tests.helpers.images import write_random_images
 from vision.cli import main
-from vision.config import config_to_dict, load_config
-from vision.engine.checkpoint import atomic_save
-from vision.models import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
-ARCH_OVERRIDES = {
-    "retinanet": ["model.score_thresh=0.0", "model.detections_per_img=5"],
-    "semantic_fpn": [],
-    "classifier": ["model.image_size=64"],
-}
-
-
-def _checkpoint(path: Path, arch: str, seed: int = 0, extra: tuple[str, ...] = ()) -> Path:
-    torch.manual_seed(seed)
-    cfg = load_config(None, [f"model.arch={arch}", "model.backbone=test_resnet", "model.num_classes=2",
-                             "model.fpn_channels=16", "model.min_size=[64]", "model.max_size=64",
-                             *ARCH_OVERRIDES[arch], *extra])
-    model = build_model(cfg.model)
-    atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "arch": arch,
-                 "class_names": ["a", "b"], "categories": {"ids": [1, 2], "names": ["a", "b"]}}, path)
-    return path
 
 
 def _images(folder: Path, start: int, n: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(start)
-    for i in range(start, start + n):
-        cv2.imwrite(str(folder / f"im{i:02d}.png"), rng.integers(0, 255, (40 + 2 * i, 56, 3), dtype=np.uint8))
+    """``im{start:02d}.png`` onwards, each of its own height."""
+    write_random_images(folder, [(40 + 2 * i, 56) for i in range(start, start + n)], seed=start, start=start,
+                        pattern="im{:02d}.png")
 
 
 def _entries(out: Path, arch: str) -> dict[str, dict]:
@@ -64,8 +41,8 @@ def _predict(weights: Path, source: Path, out: Path, *more: str) -> int:
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "semantic_fpn", "classifier"])
-def test_every_task_resumes_and_keeps_what_was_done(tmp_path, capsys, arch):
-    weights = _checkpoint(tmp_path / "m.pt", arch)
+def test_every_task_resumes_and_keeps_what_was_done(tiny_checkpoint, tmp_path, capsys, arch):
+    weights = tiny_checkpoint(arch)
     src, out = tmp_path / "imgs", tmp_path / "out"
     _images(src, 0, 4)
     assert _predict(weights, src, out) == 0
@@ -82,9 +59,9 @@ def test_every_task_resumes_and_keeps_what_was_done(tmp_path, capsys, arch):
     assert json.loads((out / "skipped.json").read_text()) == []
 
 
-def test_an_out_made_by_other_weights_settings_or_images_is_refused(tmp_path, capsys):
-    first = _checkpoint(tmp_path / "a.pt", "retinanet", seed=0)
-    other = _checkpoint(tmp_path / "b.pt", "retinanet", seed=1)
+def test_an_out_made_by_other_weights_settings_or_images_is_refused(tiny_checkpoint, tmp_path, capsys):
+    first = tiny_checkpoint("retinanet", seed=0)
+    other = tiny_checkpoint("retinanet", seed=1)
     src, out = tmp_path / "imgs", tmp_path / "out"
     _images(src, 0, 2)
     assert _predict(first, src, out) == 0
@@ -110,11 +87,11 @@ def test_an_out_made_by_other_weights_settings_or_images_is_refused(tmp_path, ca
     assert (out / "predictions.json").read_bytes() != kept
 
 
-def test_two_processes_sharing_an_out_keep_every_image(tmp_path):
-    weights = _checkpoint(tmp_path / "m.pt", "retinanet")
+def test_two_processes_sharing_an_out_keep_every_image(tiny_checkpoint, tmp_path):
+    weights = tiny_checkpoint("retinanet")
     src, out = tmp_path / "imgs", tmp_path / "out"
     _images(src, 0, 10)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "vision", "predict", "--weights", str(weights), "--source", str(src), "--out",
            str(out), "--workers", "0"]
     procs = [subprocess.Popen([*cmd, "--shard", f"{k}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -133,16 +110,16 @@ def test_two_processes_sharing_an_out_keep_every_image(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["semantic_fpn", "classifier"])
-def test_torchrun_ranks_share_the_images_of_every_task(tmp_path, arch):
-    weights = _checkpoint(tmp_path / "m.pt", arch)
+def test_torchrun_ranks_share_the_images_of_every_task(tiny_checkpoint, tmp_path, arch):
+    weights = tiny_checkpoint(arch)
     src, out = tmp_path / "imgs", tmp_path / "out"
     _images(src, 0, 6)
     (src / "broken.png").write_text("not an image")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vision",
          "predict", "--weights", str(weights), "--source", str(src), "--out", str(out), "--workers", "0"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
+        capture_output=True, text=True, env=env, timeout=300, cwd=PROJECT_ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("predicted 6 images (0 already done, 1 unreadable skipped)") == 1
@@ -153,11 +130,11 @@ def test_torchrun_ranks_share_the_images_of_every_task(tmp_path, arch):
     assert [s["file_name"] for s in json.loads((out / "skipped.json").read_text())] == ["broken.png"]
 
 
-def test_a_decompression_bomb_in_the_folder_is_skipped_and_every_other_image_predicted(tmp_path, capsys):
+def test_a_decompression_bomb_in_the_folder_is_skipped_and_every_other_image_predicted(tiny_checkpoint, tmp_path, capsys):
     """A 40000 x 40000 PNG of a few hundred bytes: refused from its header, listed, never decoded."""
-    from test_image_limits import png_header
+    from tests.helpers.images import png_header
 
-    weights = _checkpoint(tmp_path / "m.pt", "retinanet")
+    weights = tiny_checkpoint("retinanet")
     src, out = tmp_path / "imgs", tmp_path / "out"
     _images(src, 0, 3)
     (src / "bomb.png").write_bytes(png_header(40000, 40000, color_type=2))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CONFIGS
 from vision.cli import main as cli
 from vision.config import load_config
 from vision.data.coco import load_json
@@ -15,7 +16,6 @@ from vision.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
     "--num-train", "4", "--num-val", "3", "--size", "64", "48", "--object-size", "16", "28",
     "model.backbone=test_resnet", "model.fpn_channels=16", "train.max_iters=2", "train.device=cpu",

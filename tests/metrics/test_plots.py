@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from recipes import write_tiny_recipe
 
+from tests.helpers.recipes import write_tiny_recipe
 from vision.metrics import plots
 from vision.metrics.confusion import classification_confusion_matrix, detection_confusion_matrix
 

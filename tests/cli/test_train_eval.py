@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from recipes import write_tiny_recipe
 
+from tests.helpers.recipes import write_tiny_recipe
 from vision.cli import main as cli
 from vision.data.synthetic import make_synthetic_dataset
 from vision.engine.checkpoint import atomic_save, load_checkpoint_file
