@@ -7,11 +7,11 @@ from pathlib import Path
 
 from vision.config import Config, SplitConfig, resolve_path
 from vision.data.coco import read_coco
-from vision.data.image_io import read_image_header
+from vision.data.image_check import check_images_once_per_job
 from vision.data.records import DetectionSet
 from vision.data.voc import read_voc
 from vision.data.yolo import read_yolo
-from vision.errors import ConfigError, ImageReadError
+from vision.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,19 @@ def read_split(split: SplitConfig, root: str = "", class_names: list[str] | None
 
 
 def drop_unreadable_images(det_set: DetectionSet) -> DetectionSet:
-    """Removes images whose file is missing, empty, truncated or not an image, naming each one.
+    """Removes images whose file is missing, empty, truncated, oversized or not an image, naming each one.
 
-    Only headers and end markers are read (no decoding), so this costs little even for large sets and
-    catches the bad files before they stall a training run.
+    Only headers and end markers are read (no decoding), by a thread pool, once per job, and the answers
+    are cached beside the set's annotations (``vision.data.image_check``), so this costs little even for large
+    sets and catches the bad files before they stall a training run.
     """
+    errors = check_images_once_per_job([record.path for record in det_set.records], det_set.source or None)
     good = []
     for record in det_set.records:
-        try:
-            read_image_header(record.path)
-        except ImageReadError as e:
-            log.warning("skipping unreadable image: %s", e)
-            det_set.skipped_images.append(str(e))
+        error = errors.get(record.path)
+        if error is not None:
+            log.warning("skipping unreadable image: %s", error)
+            det_set.skipped_images.append(error)
             continue
         good.append(record)
     det_set.records = good

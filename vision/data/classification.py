@@ -209,14 +209,13 @@ def read_classification_split(
 
 
 def drop_unreadable_samples(cls_set: ClassificationSet) -> ClassificationSet:
-    """Removes the samples whose image file cannot be read (headers only), naming each file once."""
-    bad: dict[str, str] = {}
-    for path in sorted({s.path for s in cls_set.samples}):
-        try:
-            read_image_header(path)
-        except ImageReadError as e:
-            bad[path] = str(e)
-            log.warning("skipping unreadable image: %s", e)
+    """Removes the samples whose image file cannot be read (headers and end markers only, checked once
+    per job and cached beside the set's source: ``vision.data.image_check``), naming each file once."""
+    from vision.data.image_check import check_images_once_per_job
+
+    bad = check_images_once_per_job(sorted({s.path for s in cls_set.samples}), cls_set.source or None)
+    for error in bad.values():
+        log.warning("skipping unreadable image: %s", error)
     if bad:
         cls_set.samples = [s for s in cls_set.samples if s.path not in bad]
         cls_set.skipped_images.extend(bad.values())
