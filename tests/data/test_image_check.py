@@ -46,6 +46,7 @@ def _files(folder: Path) -> dict[str, bytes | None]:
         "padded.jpg": _jpeg(app_bytes=70_000, padding=b"\x00" * 9000),  # last 4 KiB all padding
         "straddling.jpg": straddling,
         "truncated.jpg": full[: len(full) // 2],
+        "truncated.png": png.tobytes()[:60],
         "truncated_big.jpg": _jpeg(app_bytes=100_000)[:-300],
         "empty.png": b"",
         "noise.png": np.random.default_rng(1).integers(0, 255, 5000, dtype=np.uint8).tobytes(),
@@ -154,6 +155,7 @@ cleanup()
 
 def test_under_torchrun_rank_zero_checks_and_the_others_read_its_cache(folder, tmp_path):
     paths = [str(folder / n) for n in _files(folder) if n != "missing.jpg"]
+    (folder / "train.json").write_text("{}")  # the annotations the cache goes beside
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT))
     script = tmp_path / "ranks.py"
     script.write_text(RANKS)
@@ -166,4 +168,4 @@ def test_under_torchrun_rank_zero_checks_and_the_others_read_its_cache(folder, t
     ranks = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
                    key=lambda r: r["rank"])
     assert [r["reads"] for r in ranks] == [len(paths), 0]
-    assert ranks[0]["errors"] == ranks[1]["errors"] and len(ranks[0]["errors"]) == 7
+    assert ranks[0]["errors"] == ranks[1]["errors"] and len(ranks[0]["errors"]) == 8

@@ -255,7 +255,7 @@ _TAIL_BYTES = 4096
 
 def check_image_file(path: str | os.PathLike) -> None:
     """Raises the ``ImageReadError`` that reading ``path`` would raise for a missing, empty, truncated
-    (JPEG), unidentifiable or oversized file, reading only its first 64 KiB and its last 4 KiB.
+    (JPEG, PNG), unidentifiable or oversized file, reading only its first 64 KiB and its last 4 KiB.
 
     What ``read_image_header`` finds, without reading the whole file: the check a data set runs on every
     image before training, where reading each file in full costs minutes on a large set.
@@ -280,6 +280,8 @@ def check_image_file(path: str | os.PathLike) -> None:
         raise ImageReadError(path, "empty file (0 bytes)")
     if head.startswith(_JPEG_START) and not tail.rstrip(b"\x00\r\n ").endswith(_JPEG_END):
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
+    if head.startswith(_PNG_SIGNATURE) and b"IEND" not in tail:
+        raise ImageReadError(path, "truncated PNG (no IEND chunk)")
     size_wh = _png_or_jpeg_size(head)
     if size_wh is None:
         read_image_size(path)  # PIL reads the header of any other format (or a JPEG's beyond 64 KiB)
