@@ -117,10 +117,17 @@ def test_the_cache_sits_beside_the_annotations_or_in_the_user_cache(tmp_path, mo
     ann = tmp_path / "train.json"
     assert cache_path_for(ann) == tmp_path / ("train.json" + CACHE_SUFFIX)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(image_check.os, "access", lambda path, mode: False)  # a read-only data folder
-    elsewhere = cache_path_for(ann)
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o555)  # a data set made read-only: left alone, even by root
+    try:
+        elsewhere = cache_path_for(data / "train.json")
+    finally:
+        data.chmod(0o755)
     assert elsewhere.parent == tmp_path / "xdg" / "vision" / "image-checks"
-    assert elsewhere != cache_path_for(tmp_path / "val.json")
+    monkeypatch.setattr(image_check.os, "access", lambda path, mode: False)  # no write permission for us
+    assert cache_path_for(data / "train.json") == elsewhere
+    assert elsewhere != cache_path_for(data / "val.json")
 
 
 def test_a_training_set_skips_the_bad_files_and_caches_the_check(tmp_path):

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,11 +52,20 @@ def _check(path: str) -> str | None:
     return None
 
 
+def _writable(folder: Path) -> bool:
+    """Whether to write into ``folder``: its owner may write and so may this process.  The mode bits
+    count too, so a data set made read-only on purpose is left alone even by root, who may write anyway."""
+    try:
+        return bool(os.stat(folder).st_mode & stat.S_IWUSR) and os.access(folder, os.W_OK)
+    except OSError:
+        return False
+
+
 def cache_path_for(annotations: str | os.PathLike) -> Path:
     """Where the check of the images an annotation file (or folder) lists is cached."""
     ann = Path(os.path.abspath(annotations))
     beside = ann.parent / (ann.name + CACHE_SUFFIX)
-    if os.access(ann.parent, os.W_OK):
+    if _writable(ann.parent):
         return beside
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vision" / "image-checks"
     return root / (hashlib.sha1(str(ann).encode()).hexdigest()[:16] + CACHE_SUFFIX)
