@@ -22,7 +22,8 @@ import struct
 import threading
 import warnings
 from pathlib import Path
-from typing import IO
+from collections.abc import Callable
+from typing import IO, TypeVar
 
 import cv2
 import numpy as np
@@ -37,6 +38,8 @@ _JPEG_END = b"\xff\xd9"
 # EXIF orientations 5..8 turn the stored image by 90 degrees: width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
+
+_T = TypeVar("_T")
 
 LIMIT_ENV = "VISION_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # what Pillow refuses outright by default (2 x its Image.MAX_IMAGE_PIXELS)
@@ -135,13 +138,19 @@ def _open_header(source: str | os.PathLike | IO[bytes], path: str | os.PathLike)
     return im
 
 
-def _read_bytes(path: str | os.PathLike) -> bytes:
+def _read_file(path: str | os.PathLike, read: Callable[[IO[bytes]], _T]) -> _T:
+    """``read(f)`` on the open file, the file system's errors turned into one-line ``ImageReadError``s."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            return read(f)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except OSError as e:
         raise ImageReadError(path, f"cannot read file ({e.strerror or e})") from None
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    data = _read_file(path, lambda f: f.read())
     if not data:
         raise ImageReadError(path, "empty file (0 bytes)")
     return data
@@ -253,6 +262,20 @@ _HEAD_BYTES = 1 << 16  # holds a PNG's IHDR and, but for huge embedded thumbnail
 _TAIL_BYTES = 4096
 
 
+def _head_and_tail(f: IO[bytes]) -> tuple[bytes, bytes]:
+    """A file's first 64 KiB and last 4 KiB (the whole file where those are all JPEG padding)."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(_HEAD_BYTES)
+    if size <= _HEAD_BYTES:
+        return head, head
+    f.seek(max(size - _TAIL_BYTES, 0))
+    tail = f.read()
+    if head.startswith(_JPEG_START) and not tail.rstrip(b"\x00\r\n "):
+        f.seek(0)  # the last 4 KiB are all padding: look for the end marker in the whole file
+        tail = f.read()
+    return head, tail
+
+
 def check_image_file(path: str | os.PathLike) -> None:
     """Raises the ``ImageReadError`` that reading ``path`` would raise for a missing, empty, truncated
     (JPEG, PNG), unidentifiable or oversized file, reading only its first 64 KiB and its last 4 KiB.
@@ -260,22 +283,7 @@ def check_image_file(path: str | os.PathLike) -> None:
     What ``read_image_header`` finds, without reading the whole file: the check a data set runs on every
     image before training, where reading each file in full costs minutes on a large set.
     """
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(_HEAD_BYTES)
-            if size > _HEAD_BYTES:
-                f.seek(max(size - _TAIL_BYTES, 0))
-                tail = f.read()
-            else:
-                tail = head
-            if head.startswith(_JPEG_START) and size > _HEAD_BYTES and not tail.rstrip(b"\x00\r\n "):
-                f.seek(0)  # the last 4 KiB are all padding: look for the end marker in the whole file
-                tail = f.read()
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
-    except OSError as e:
-        raise ImageReadError(path, f"cannot read file ({e.strerror or e})") from None
+    head, tail = _read_file(path, _head_and_tail)
     if not head:
         raise ImageReadError(path, "empty file (0 bytes)")
     if head.startswith(_JPEG_START) and not tail.rstrip(b"\x00\r\n ").endswith(_JPEG_END):
