@@ -124,8 +124,10 @@ def check_images(paths: Sequence[str], cache: Path | None = None, threads: int =
 
 
 def check_images_once_per_job(paths: Sequence[str], annotations: str | os.PathLike | None) -> dict[str, str]:
-    """``check_images`` with the cache of ``annotations`` (none where that is not a file or folder); under ``torchrun`` rank 0 checks, the others
-    wait for it and read its cache (or, where none could be written, check for themselves)."""
+    """``check_images`` with the cache of ``annotations`` (none where that is not a file or folder).
+
+    Under ``torchrun`` rank 0 checks; the others wait for it and read its cache (or, where none could be
+    written, check for themselves)."""
     from vision.runtime import distributed as du
 
     cache = cache_path_for(annotations) if annotations and os.path.exists(annotations) else None

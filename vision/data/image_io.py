@@ -21,8 +21,8 @@ import re
 import struct
 import threading
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, TypeVar
 
 import cv2
@@ -156,8 +156,11 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
     return data
 
 
-def _check_jpeg_end(data: bytes, path: str | os.PathLike) -> None:
-    if data.startswith(_JPEG_START) and not data.rstrip(b"\x00\r\n ").endswith(_JPEG_END):
+def _check_jpeg_end(data: bytes, path: str | os.PathLike, tail: bytes | None = None) -> None:
+    """A JPEG (``data`` starts like one) must end with its end-of-image marker: in ``tail``, the file's
+    last bytes, where only those were read, else in ``data`` itself."""
+    end = data if tail is None else tail
+    if data.startswith(_JPEG_START) and not end.rstrip(b"\x00\r\n ").endswith(_JPEG_END):
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
 
 
@@ -201,13 +204,18 @@ def _png_or_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _check_header_size(size: tuple[int, int], path: str | os.PathLike) -> None:
+    """A (width, height) read from a header: some pixels, and no more than the limit."""
+    if size[0] == 0 or size[1] == 0:
+        raise ImageReadError(path, f"image has no pixels ({size[0]}x{size[1]})")
+    check_image_pixels(size[0], size[1], path)
+
+
 def _check_header(data: bytes, path: str | os.PathLike) -> None:
     """The pixel limit, from the header; files PIL cannot identify are left for OpenCV to judge."""
     size = _png_or_jpeg_size(data)
     if size is not None:
-        if size[0] == 0 or size[1] == 0:
-            raise ImageReadError(path, f"image has no pixels ({size[0]}x{size[1]})")
-        check_image_pixels(size[0], size[1], path)
+        _check_header_size(size, path)
         return
     try:
         _open_header(io.BytesIO(data), path).close()
@@ -286,17 +294,14 @@ def check_image_file(path: str | os.PathLike) -> None:
     head, tail = _read_file(path, _head_and_tail)
     if not head:
         raise ImageReadError(path, "empty file (0 bytes)")
-    if head.startswith(_JPEG_START) and not tail.rstrip(b"\x00\r\n ").endswith(_JPEG_END):
-        raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
+    _check_jpeg_end(head, path, tail)
     if head.startswith(_PNG_SIGNATURE) and b"IEND" not in tail:
         raise ImageReadError(path, "truncated PNG (no IEND chunk)")
-    size_wh = _png_or_jpeg_size(head)
-    if size_wh is None:
+    size = _png_or_jpeg_size(head)
+    if size is None:
         read_image_size(path)  # PIL reads the header of any other format (or a JPEG's beyond 64 KiB)
         return
-    if size_wh[0] == 0 or size_wh[1] == 0:
-        raise ImageReadError(path, f"image has no pixels ({size_wh[0]}x{size_wh[1]})")
-    check_image_pixels(size_wh[0], size_wh[1], path)
+    _check_header_size(size, path)
 
 
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
