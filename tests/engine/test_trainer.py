@@ -175,6 +175,31 @@ def test_no_weight_decay_on_norm_and_bias():
     assert isinstance(build_optimizer(model, cfg.train), torch.optim.AdamW)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_steps_as_pytorchs_default_loop(name):
+    """The fused kernels build_optimizer picks on a CPU make the updates of PyTorch's per-tensor loop."""
+    cfg = make_cfg(optimizer=name, lr=0.01, weight_decay=0.05)
+    torch.manual_seed(0)
+    model = TinyDetector()
+    reference = TinyDetector()
+    reference.load_state_dict(model.state_dict())
+    ours = build_optimizer(model, cfg.train)
+    assert all(g["fused"] for g in ours.param_groups)
+    groups = param_groups(reference, 0.05)
+    theirs = (
+        torch.optim.SGD(groups, lr=0.01, momentum=cfg.train.momentum, foreach=False)
+        if name == "sgd" else torch.optim.AdamW(groups, lr=0.01, foreach=False)
+    )
+    for step in range(5):
+        for m, opt in ((model, ours), (reference, theirs)):
+            torch.manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+
+
 # --------------------------------------------------------------------------------------------------
 # the loop
 
