@@ -29,7 +29,7 @@ import torch
 from vision.data.records import Categories
 from vision.errors import VisionError
 from vision.inference.engine import EngineOptions
-from vision.inference.result import Result
+from vision.inference.result import DRAW_THRESH, Result
 from vision.inference.runner import RunSummary
 
 Source = str | os.PathLike | np.ndarray | Any | Sequence[Any]
@@ -146,7 +146,7 @@ class Model:
         batch_size: int = 2,
         workers: int = 2,
         save_images: bool = False,
-        draw_thresh: float = 0.3,
+        draw_thresh: float | None = None,
         write_csv: bool = False,
         hierarchy: str | os.PathLike | None = None,
         hierarchy_merge: str | None = "nms",
@@ -164,7 +164,10 @@ class Model:
         if not paths:
             raise VisionError(f"{source}: no images found")
         out = Path(out)
-        options = WriterOptions(save_images=save_images, draw_thresh=draw_thresh, write_csv=write_csv)
+        options = WriterOptions(
+            save_images=save_images, draw_thresh=DRAW_THRESH if draw_thresh is None else draw_thresh,
+            write_csv=write_csv,
+        )
         if hierarchy is not None:
             from vision.ensemble import load_hierarchy
             from vision.inference.predictor import hierarchy_expander

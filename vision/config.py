@@ -105,6 +105,10 @@ class ModelConfig:
     score_thresh: float | None = None
     nms_thresh: float | None = None
     detections_per_img: int | None = None  # None: torchvision's default for the arch (100, RetinaNet 300)
+    # Faster / Mask R-CNN head widths; None: torchvision's (a 1024-wide box head, 256-channel mask
+    # convolutions), the layout its COCO weights have.  Narrower heads train from scratch much faster.
+    box_head_dim: int | None = None
+    mask_head_channels: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to the torchvision model
     # a whole checkpoint of the same arch (vision or torchvision) to fine-tune from; class layers re-created
     init_from: str | None = None

@@ -71,6 +71,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "model.mixup": _at_least(0.0),
     "model.cutmix": _at_least(0.0),
     "model.seg_channels": _at_least(1),
+    "model.box_head_dim": _at_least(1),
+    "model.mask_head_channels": _at_least(1),
     "model.ignore_index": _at_least(0),
     "model.dice_weight": _at_least(0.0),
     "train.max_iters": _at_least(1),

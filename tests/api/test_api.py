@@ -88,6 +88,10 @@ def test_result_to_coco_and_draw(detector, folder):
     np.testing.assert_allclose([x, y, x + w, y + h], r.boxes[0], atol=1e-4)
     drawn = r.draw(score_thresh=0.0)
     assert drawn.shape == (48, 64, 3) and drawn.dtype == np.uint8 and not np.array_equal(drawn, r.image)
+    # by default only detections scoring 0.5 or more are drawn (the results keep them all)
+    above = r.scores >= 0.5
+    assert np.array_equal(r.draw(), r.draw(score_thresh=0.5))
+    assert np.array_equal(r.draw(), r.image) == (not above.any())
 
 
 def test_three_lines_in_a_fresh_interpreter(detector, folder):

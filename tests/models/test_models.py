@@ -151,6 +151,34 @@ def test_config_reaches_torchvision() -> None:
     assert m.rpn.fg_bg_sampler.batch_size_per_image == 64
 
 
+def test_rcnn_head_widths_reach_torchvisions_heads() -> None:
+    """box_head_dim / mask_head_channels build torchvision's own head classes at those widths; unset, the
+    heads are exactly the ones torchvision builds (parameter names and shapes of its COCO weights)."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    narrow = build_model(ModelConfig(arch="mask_rcnn", backbone="resnet18", num_classes=3, fpn_channels=64,
+                                     box_head_dim=128, mask_head_channels=32))
+    heads = narrow.roi_heads
+    assert (heads.box_head.fc6.in_features, heads.box_head.fc6.out_features) == (64 * 7 * 7, 128)
+    assert heads.box_predictor.cls_score.out_features == 4 and heads.box_predictor.bbox_pred.out_features == 16
+    assert [layer[0].out_channels for layer in heads.mask_head] == [32] * 4
+    assert heads.mask_head[0][0].in_channels == 64
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    narrow.train()
+    target = {"boxes": torch.tensor([[10.0, 10, 60, 70]]), "labels": torch.tensor([2]),
+              "masks": torch.zeros(1, 128, 160, dtype=torch.uint8)}
+    target["masks"][0, 10:70, 10:60] = 1
+    losses = narrow([torch.rand(3, 128, 160)], [target])
+    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())
+
+    default = build_model(ModelConfig(arch="mask_rcnn", backbone="resnet18", num_classes=3))
+    ref = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4)
+    shapes = lambda m: {k: v.shape for k, v in m.roi_heads.state_dict().items()}  # noqa: E731
+    assert shapes(default) == shapes(ref)
+    with pytest.raises(ConfigError, match=r"mask_head_channels applies to mask_rcnn, not faster_rcnn"):
+        build_model(ModelConfig(arch="faster_rcnn", backbone="resnet18", num_classes=3, mask_head_channels=32))
+
+
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn", "mask_rcnn"])
 def test_defaults_are_torchvision_defaults(arch: str) -> None:
     factory = {

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how overlapping copies of one parent class are merged")
     parser.add_argument("--csv", action="store_true", help="also write predictions.csv")
     parser.add_argument("--save-images", action="store_true", help="also write each image with its detections drawn")
-    parser.add_argument("--draw-thresh", type=float, default=0.3, help="score needed to be drawn")
+    parser.add_argument("--draw-thresh", type=float, default=None,
+                        help="score a detection needs to be drawn (default 0.5; the results keep every detection)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
     parser.add_argument("--device", default="auto")

@@ -11,13 +11,14 @@ import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from vision.data.records import Categories
+from vision.inference.result import DRAW_THRESH
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
 
 
 def draw_prediction(
-    image: np.ndarray, prediction: dict[str, torch.Tensor], categories: Categories, score_thresh: float = 0.3
+    image: np.ndarray, prediction: dict[str, torch.Tensor], categories: Categories, score_thresh: float = DRAW_THRESH
 ) -> np.ndarray:
     """HxWx3 uint8 RGB with boxes labelled ``name score`` (and masks blended in, when there are any)."""
     keep = prediction["scores"] >= score_thresh

@@ -19,6 +19,11 @@ import torch
 
 from vision.data.records import Categories
 
+# The score a detection needs to be drawn (``vision predict --save-images``, ``Result.draw``), not to be
+# kept: as detectron2's demo, 0.5.  Below it a focal-loss detector's second guesses (the same object under
+# another class, at 0.3-0.4) crowd the picture; the results files keep every detection.
+DRAW_THRESH = 0.5
+
 
 @dataclass
 class Result:
@@ -50,7 +55,7 @@ class Result:
 
         return prediction_to_results(image_id, self._prediction, self._categories)
 
-    def draw(self, score_thresh: float = 0.3) -> np.ndarray:
+    def draw(self, score_thresh: float = DRAW_THRESH) -> np.ndarray:
         """The image with the prediction drawn on it (HxWx3 uint8 RGB), as ``vision predict --save-images``."""
         if self.image is None:
             raise ValueError("draw() needs the image: predict with keep_images=True (the default)")

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -133,21 +135,49 @@ def _rcnn_kwargs(cfg: ModelConfig, backbone: TimmFPNBackbone) -> dict[str, Any]:
     return kwargs
 
 
-def build_faster_rcnn(cfg: ModelConfig) -> FasterRCNN:
-    """Faster R-CNN on P2-P6 (P6 by max-pool, used by the RPN only), as ``fasterrcnn_resnet50_fpn``."""
+def _rcnn_heads(cfg: ModelConfig, backbone: TimmFPNBackbone, with_masks: bool) -> dict[str, nn.Module]:
+    """The RoI heads at the widths ``model.box_head_dim`` / ``model.mask_head_channels`` ask for.
+
+    Empty when neither is set, so torchvision builds its own heads (the layout of its COCO weights).
+    torchvision takes a head of another width only with its predictor, and then no class count.
+    """
+    if cfg.mask_head_channels is not None and not with_masks:
+        raise ConfigError(f"model.mask_head_channels applies to mask_rcnn, not {cfg.arch}")
+    if cfg.box_head_dim is None and cfg.mask_head_channels is None:
+        return {}
+    num_classes = _num_classes(cfg)
+    dim = cfg.box_head_dim or 1024  # torchvision's representation size
+    heads: dict[str, nn.Module] = {
+        "box_head": TwoMLPHead(backbone.out_channels * 7 * 7, dim),  # the box RoIAlign's 7 x 7
+        "box_predictor": FastRCNNPredictor(dim, num_classes),
+    }
+    if with_masks:
+        channels = cfg.mask_head_channels or 256
+        heads["mask_head"] = MaskRCNNHeads(backbone.out_channels, [channels] * 4, 1)
+        heads["mask_predictor"] = MaskRCNNPredictor(channels, channels, num_classes)
+    return heads
+
+
+def _build_rcnn(cfg: ModelConfig, detector: type[FasterRCNN], with_masks: bool) -> FasterRCNN:
     backbone = _backbone(cfg, "rcnn")
     kwargs = _rcnn_kwargs(cfg, backbone)
-    kwargs.update(_extra_kwargs(cfg, FasterRCNN))
-    return keep_box_math_in_float32(FasterRCNN(backbone, _num_classes(cfg), **kwargs))
+    if with_masks:
+        kwargs["mask_roi_pool"] = ThreadedMultiScaleRoIAlign(backbone.featmap_names, output_size=14, sampling_ratio=2)
+    heads = _rcnn_heads(cfg, backbone, with_masks)
+    kwargs.update(heads)
+    kwargs.update(_extra_kwargs(cfg, detector))
+    num_classes = None if heads else _num_classes(cfg)
+    return keep_box_math_in_float32(detector(backbone, num_classes, **kwargs))
+
+
+def build_faster_rcnn(cfg: ModelConfig) -> FasterRCNN:
+    """Faster R-CNN on P2-P6 (P6 by max-pool, used by the RPN only), as ``fasterrcnn_resnet50_fpn``."""
+    return _build_rcnn(cfg, FasterRCNN, with_masks=False)
 
 
 def build_mask_rcnn(cfg: ModelConfig) -> MaskRCNN:
     """Mask R-CNN on P2-P6, as ``maskrcnn_resnet50_fpn``."""
-    backbone = _backbone(cfg, "rcnn")
-    kwargs = _rcnn_kwargs(cfg, backbone)
-    kwargs["mask_roi_pool"] = ThreadedMultiScaleRoIAlign(backbone.featmap_names, output_size=14, sampling_ratio=2)
-    kwargs.update(_extra_kwargs(cfg, MaskRCNN))
-    return keep_box_math_in_float32(MaskRCNN(backbone, _num_classes(cfg), **kwargs))
+    return _build_rcnn(cfg, MaskRCNN, with_masks=True)
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)

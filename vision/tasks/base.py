@@ -23,14 +23,14 @@ from torch.utils.data import Dataset
 from vision.config import Config
 from vision.data.records import Categories
 from vision.errors import ConfigError
-from vision.inference.result import Result
+from vision.inference.result import DRAW_THRESH, Result
 from vision.inference.runner import Writer
 
 # Options of ``vision predict`` that only detectors use (TTA, fusion, hierarchies), with the value that
 # means "not given"; other tasks refuse them rather than silently ignore them.
 DETECTION_ONLY_OPTIONS: dict[str, Any] = {
     "tta": False, "tta_scales": [0.8, 1.0, 1.2], "fusion": "wbf", "model_weights": None, "iou": None,
-    "skip_score": 0.0, "hierarchy": None, "hierarchy_merge": "nms", "draw_thresh": 0.3,
+    "skip_score": 0.0, "hierarchy": None, "hierarchy_merge": "nms", "draw_thresh": None,
 }
 
 
@@ -50,7 +50,7 @@ class WriterOptions:
     """What ``vision predict`` asked the writer for."""
 
     save_images: bool = False
-    draw_thresh: float = 0.3
+    draw_thresh: float = DRAW_THRESH
     write_csv: bool = False
     expand: Any = None  # detection: per-image parent-class expansion
     categories_out: list[dict[str, Any]] | None = None  # detection: the categories written with it
