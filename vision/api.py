@@ -28,8 +28,9 @@ import torch
 
 from vision.data.records import Categories
 from vision.errors import VisionError
+from vision.inference.draw import DRAW_THRESH
 from vision.inference.engine import EngineOptions
-from vision.inference.result import DRAW_THRESH, Result
+from vision.inference.result import Result
 from vision.inference.runner import RunSummary
 
 Source = str | os.PathLike | np.ndarray | Any | Sequence[Any]

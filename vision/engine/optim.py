@@ -133,6 +133,7 @@ def layer_decay_groups(
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, trainable_later: Iterable[str] = ()
 ) -> torch.optim.Optimizer:
+    trainable_later = tuple(trainable_later)
     if cfg.layer_decay is not None:
         groups = layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, trainable_later)
     else:
@@ -143,7 +144,7 @@ def build_optimizer(
     fused = fused_kernels_apply(groups)
     if name == "sgd":
         # fused SGD cannot start the momentum of parameters that get gradients only after its first step
-        fused = fused if not list(trainable_later) else None
+        fused = fused if not trainable_later else None
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)

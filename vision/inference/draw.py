@@ -11,7 +11,11 @@ import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from vision.data.records import Categories
-from vision.inference.result import DRAW_THRESH
+
+# The score a detection needs to be drawn (``vision predict --save-images``, ``Result.draw``), not to be
+# kept: as detectron2's demo, 0.5.  Below it a focal-loss detector's second guesses (the same object under
+# another class, at 0.3-0.4) crowd the picture; the results files keep every detection.
+DRAW_THRESH = 0.5
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]

@@ -19,11 +19,6 @@ import torch
 
 from vision.data.records import Categories
 
-# The score a detection needs to be drawn (``vision predict --save-images``, ``Result.draw``), not to be
-# kept: as detectron2's demo, 0.5.  Below it a focal-loss detector's second guesses (the same object under
-# another class, at 0.3-0.4) crowd the picture; the results files keep every detection.
-DRAW_THRESH = 0.5
-
 
 @dataclass
 class Result:
@@ -55,14 +50,15 @@ class Result:
 
         return prediction_to_results(image_id, self._prediction, self._categories)
 
-    def draw(self, score_thresh: float = DRAW_THRESH) -> np.ndarray:
+    def draw(self, score_thresh: float | None = None) -> np.ndarray:
         """The image with the prediction drawn on it (HxWx3 uint8 RGB), as ``vision predict --save-images``."""
         if self.image is None:
             raise ValueError("draw() needs the image: predict with keep_images=True (the default)")
         if self.task == "detection":
-            from vision.inference.draw import draw_prediction
+            from vision.inference.draw import DRAW_THRESH, draw_prediction
 
-            return draw_prediction(self.image, self._prediction, self._categories, score_thresh)
+            thresh = DRAW_THRESH if score_thresh is None else score_thresh
+            return draw_prediction(self.image, self._prediction, self._categories, thresh)
         if self.task == "semantic segmentation":
             from vision.inference.writers import overlay
 

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 from vision.config import Config
 from vision.data.records import Categories
 from vision.errors import ConfigError
-from vision.inference.result import DRAW_THRESH, Result
+from vision.inference.draw import DRAW_THRESH
+from vision.inference.result import Result
 from vision.inference.runner import Writer
 
 # Options of ``vision predict`` that only detectors use (TTA, fusion, hierarchies), with the value that
