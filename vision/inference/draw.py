@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from vision.data.records import Categories
 # kept: as detectron2's demo, 0.5.  Below it a focal-loss detector's second guesses (the same object under
 # another class, at 0.3-0.4) crowd the picture; the results files keep every detection.
 DRAW_THRESH = 0.5
+
+# Labels as black text on a band of the box's colour, readable on any background; torchvision draws them
+# so from 0.23 on (``fill_labels``), older releases in the box's colour only.
+_LABEL_STYLE = {"fill_labels": True} if "fill_labels" in inspect.signature(draw_bounding_boxes).parameters else {}
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
@@ -37,7 +42,7 @@ def draw_prediction(
     if len(boxes):
         text = [f"{categories.name_of(int(lab))} {float(s):.2f}" for lab, s in zip(labels, scores)]
         width = max(1, round(max(image.shape[:2]) / 400))
-        canvas = draw_bounding_boxes(canvas, boxes, labels=text, colors=colors, width=width)
+        canvas = draw_bounding_boxes(canvas, boxes, labels=text, colors=colors, width=width, **_LABEL_STYLE)
     return canvas.permute(1, 2, 0).numpy()
 
 
