@@ -37,6 +37,17 @@ def test_bad_keys_and_values_are_named(override, message):
     assert message in str(e.value)
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads 1e-5 as a string (YAML 1.1 wants 1.0e-5); in a float key it is the number."""
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 2e-3\n  weight_decay: 1E-4\n")
+    cfg = load_config(tmp_path / "c.yaml", ["model.bn_eps=1e-5", "train.momentum=+9e-1"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.model.bn_eps, cfg.train.momentum) == (2e-3, 1e-4, 1e-5, 0.9)
+    with pytest.raises(ConfigError, match="config key 'train.lr' must be float, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="config key 'train.epochs' must be int, got '1e3'"):
+        load_config(None, ["train.epochs=1e3"])
+
+
 def test_unknown_key_in_file_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  augment:\n    hflipp: 0.5\n")

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -143,6 +144,9 @@ def iter_predictions(
         raise VisionError(f"batch size must be at least 1, got {batch_size}")
     if num_workers < 0:
         raise VisionError(f"decoding workers must be 0 or more, got {num_workers}")
+    # A worker can only help by decoding a batch while the model runs on another, so no more workers than
+    # batches after the first: one photo is decoded in this process, without starting any.
+    num_workers = min(num_workers, max(0, math.ceil(len(paths) / batch_size) - 1))
     loader = DataLoader(
         ImageFiles(paths, preprocess, keep_original), batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_lists,
         pin_memory=predictor.device.type == "cuda", worker_init_fn=seed_worker if num_workers else None,
