@@ -117,10 +117,14 @@ def test_engine_predictions_match_the_plain_model(arch: str) -> None:
     fast = fast_predictor.predict(images)
     assert _norms(fast_predictor.model) == 0
     assert _norms(model) == 20, "the caller's model is left as it was"
-    for exp, got in zip(plain, fast):
+    handed_over = copy.deepcopy(model)
+    owner = Predictor(handed_over, cats, device="cpu", engine=EngineOptions(), copy_model=False)
+    assert owner.model is handed_over and _norms(handed_over) == 0, "rewritten in place, not held twice"
+    for exp, got, own in zip(plain, fast, owner.predict(images)):
         assert len(exp["boxes"]) >= 5, "the comparison needs real detections"
         assert abs(len(got["boxes"]) - len(exp["boxes"])) <= 2
         _assert_same_detections(got, exp, top=20)
+        torch.testing.assert_close(own, got)
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])

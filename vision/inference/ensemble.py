@@ -147,7 +147,10 @@ def predictor_of(
     engine: EngineOptions | None = None,
     whole_batches: bool = False,
 ):
-    """One predictor over already loaded models (``LoadedModel``): each with optional TTA, fused when several."""
+    """One predictor over already loaded models (``LoadedModel``): each with optional TTA, fused when several.
+
+    The loaded models are handed over: each becomes its predictor's inference model (batch norms folded
+    in place), so a large model is not held twice; load again to train or export one."""
     from vision.inference.predictor import Predictor
     from vision.runtime.device import select_device
 
@@ -158,7 +161,8 @@ def predictor_of(
     for m in loaded:
         named.append((m.source, m.categories))
         check_same_classes(named)
-        p = Predictor(m.model, m.categories, device=dev, amp=amp, engine=engine, whole_batches=whole_batches)
+        p = Predictor(m.model, m.categories, device=dev, amp=amp, engine=engine, whole_batches=whole_batches,
+                      copy_model=False)
         if tta:
             p = TTAPredictor(p, lambda preds, size: fuse_predictions(preds, size, spec), scales=tta_scales)
         members.append(p)

@@ -72,12 +72,19 @@ class _NormsAsLeaves(fx.Tracer):
         return isinstance(m, _FROZEN_NORMS) or super().is_leaf_module(m, module_qualified_name)
 
 
+def _structure_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that shares its parameters and buffers: tracing reads only the module
+    tree, and copying a ResNet-50's weights for each traced part cost more than the trace."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
 def _pairs_from_graph(module: nn.Module) -> list[tuple[str, str]] | None:
     """(conv path, norm path) pairs where the norm is the only user of the convolution's output."""
     try:
         # a copy is traced: some modules set themselves up on their first call (torchvision's
         # MultiScaleRoIAlign keeps its scales), and must not keep what they saw of a trace
-        graph = _NormsAsLeaves().trace(copy.deepcopy(module))
+        graph = _NormsAsLeaves().trace(_structure_copy(module))
     except Exception:  # any tracing failure means: search the children instead
         return None
     modules = dict(module.named_modules())

@@ -24,7 +24,8 @@ class Predictor:
 
     ``amp`` is the older switch for reduced precision (bfloat16 on CPU, float16 on CUDA);
     ``engine.precision`` wins where both are given.  ``EngineOptions.plain()`` runs the model exactly
-    as trained.
+    as trained.  ``copy_model=False`` hands the model over: the engine rewrites it in place (folded
+    batch norms) instead of keeping a second copy of its weights.
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class Predictor:
         amp: bool = False,
         engine: EngineOptions | None = None,
         whole_batches: bool = False,
+        copy_model: bool = True,
     ):
         self.device = device if isinstance(device, torch.device) else select_device(device)
         engine = EngineOptions() if engine is None else engine
@@ -42,7 +44,7 @@ class Predictor:
             engine = replace(engine, precision=amp_precision(self.device, True))
         precision_dtype(engine.precision, self.device)  # an unsupported precision fails here, not mid-run
         self.engine = engine
-        self.model = optimize_for_inference(model.to(self.device), engine)
+        self.model = optimize_for_inference(model.to(self.device), engine, copy_model=copy_model)
         self.categories = categories
         self.whole_batches = whole_batches
 
