@@ -153,7 +153,7 @@ def run_case(label: str, folder: Path, weights: Path, script: Path, config: Path
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "raccoon" / "images"))
-    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--images", type=int, default=64, help="photos in the folder case (0: one photo only)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of the folder case per side (best is kept)")
     ap.add_argument("--single-rounds", type=int, default=3, help="runs of the one-photo case per side")
     ap.add_argument("--arch", default="retinanet", choices=sorted(FACTORIES))
@@ -168,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         script.write_text(REFERENCE_SCRIPT.format(factory=FACTORIES[args.arch]))
         for sub in ("folder", "one"):
             shutil.rmtree(tmp / sub, ignore_errors=True)
-        copy_photos(Path(args.data), tmp / "folder", args.images)
         copy_photos(Path(args.data), tmp / "one", 1)
         single = run_case("one photo", tmp / "one", weights, script, config, tmp, args.single_rounds)
-        folder = run_case("folder", tmp / "folder", weights, script, config, tmp, args.rounds)
-    print(f"vision predict / torchvision script, whole processes: folder of {args.images} {folder:.2f}x, "
-          f"one photo {single:.2f}x")
+        if args.images:
+            copy_photos(Path(args.data), tmp / "folder", args.images)
+            folder = run_case("folder", tmp / "folder", weights, script, config, tmp, args.rounds)
+    folder_part = f"folder of {args.images} {folder:.2f}x, " if args.images else ""
+    print(f"vision predict / torchvision script, whole processes: {folder_part}one photo {single:.2f}x")
     return 0
 
 

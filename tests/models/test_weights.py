@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -269,3 +270,42 @@ def test_hub_name_of_another_architecture_or_unknown_tag_is_a_config_error() -> 
         build_backbone("resnet18", pretrained="resnet50.a1_in1k")
     with pytest.raises(ConfigError, match=r"model.pretrained 'resnet18.no_such_tag'"):
         build_backbone("resnet18", pretrained="resnet18.no_such_tag")
+
+
+# --- building for a checkpoint ------------------------------------------------------------------
+
+
+def test_initialisers_are_skipped_only_inside_and_restored() -> None:
+    from vision.models.skip_init import initialisers_skipped
+
+    w = torch.full((4, 4), 7.0)
+    with initialisers_skipped():
+        torch.nn.init.kaiming_normal_(w)
+        torch.nn.init.zeros_(w)
+        assert torch.equal(w, torch.full((4, 4), 7.0))
+    torch.nn.init.zeros_(w)
+    assert torch.equal(w, torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("num_classes", [None, 5])
+def test_inference_loading_holds_the_checkpoints_weights(tmp_path, num_classes) -> None:
+    """Built without initialisation, the model holds exactly the checkpoint's weights; where the config
+    asks for another class count (re-headed layers) it is built with its initialisation after all."""
+    from vision.config import Config, config_to_dict
+    from vision.inference.loading import load_for_inference
+
+    cfg = Config()
+    cfg.model = ModelConfig(arch="retinanet", backbone="resnet18", num_classes=3, fpn_channels=32)
+    src = _small("retinanet", seed=3).state_dict()
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": src, "config": config_to_dict(cfg), "class_names": ["x", "y", "z"],
+                     "arch": "retinanet"}, path)
+    overrides = [] if num_classes is None else [f"model.num_classes={num_classes}"]
+    got = load_for_inference(path, overrides=overrides).model.state_dict()
+    same = [k for k in got if got[k].shape == src[k].shape]
+    assert _equal(got, src, same)
+    reheaded = [k for k in got if k not in same]
+    assert len(reheaded) == (0 if num_classes is None else 2)
+    if reheaded:  # initialised, not left as allocated: torchvision's prior-probability bias, 0.01
+        bias = got["head.classification_head.cls_logits.bias"]
+        torch.testing.assert_close(bias, torch.full_like(bias, -math.log(99)))

@@ -71,6 +71,7 @@ def load_for_inference(
     """The model of ``weights`` in eval mode, its config (``config`` or the checkpoint's, plus overrides)
     and categories; a plain state_dict needs ``config`` to say which model it is."""
     from vision.models import build_model
+    from vision.models.skip_init import initialisers_skipped
     from vision.models.weights import load_checkpoint, load_model_weights
 
     ckpt = load_checkpoint(weights)
@@ -85,8 +86,11 @@ def load_for_inference(
         cfg.model.num_classes = len(categories)
     cfg.model.pretrained = None  # the checkpoint supplies every weight
     cfg.model.init_from = None
-    model = build_model(cfg.model)
-    load_model_weights(model, ckpt, source=str(weights))
+    with initialisers_skipped():  # the checkpoint supplies every weight (strict loading checks it)
+        model = build_model(cfg.model)
+    if load_model_weights(model, ckpt, source=str(weights)).reheaded:  # layers it does not fill: start again
+        model = build_model(cfg.model)
+        load_model_weights(model, ckpt, source=str(weights))
     model.eval()
     return LoadedModel(model, cfg, categories, str(Path(weights)))
 
