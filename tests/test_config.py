@@ -42,9 +42,9 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 2e-3\n  weight_decay: 1E-4\n")
     cfg = load_config(tmp_path / "c.yaml", ["model.bn_eps=1e-5", "train.momentum=+9e-1"])
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.model.bn_eps, cfg.train.momentum) == (2e-3, 1e-4, 1e-5, 0.9)
-    with pytest.raises(ConfigError, match="config key 'train.lr' must be float, got 'fast'"):
+    with pytest.raises(ConfigError, match=r"config key 'train\.lr' must be float, got 'fast'"):
         load_config(None, ["train.lr=fast"])
-    with pytest.raises(ConfigError, match="config key 'train.epochs' must be int, got '1e3'"):
+    with pytest.raises(ConfigError, match=r"config key 'train\.epochs' must be int, got '1e3'"):
         load_config(None, ["train.epochs=1e3"])
 
 
