@@ -136,6 +136,7 @@ def run_case(label: str, folder: Path, weights: Path, script: Path, config: Path
     for k in range(rounds):
         ref_out = tmp / f"{label.replace(' ', '_')}_ref{k}.json"
         ours_out = tmp / f"{label.replace(' ', '_')}_vision{k}"
+        shutil.rmtree(ours_out, ignore_errors=True)  # a fresh run: an output folder left there would resume
         ref_times.append(timed([sys.executable, str(script), str(weights), str(folder), str(ref_out)]))
         ours_times.append(timed([sys.executable, "-m", "vision", "predict", "--weights", str(weights),
                                  "--config", str(config), "--source", str(folder), "--out", str(ours_out),
