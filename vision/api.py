@@ -28,7 +28,6 @@ import torch
 
 from vision.data.records import Categories
 from vision.errors import VisionError
-from vision.inference.draw import DRAW_THRESH
 from vision.inference.engine import EngineOptions
 from vision.inference.result import Result
 from vision.inference.runner import RunSummary
@@ -166,7 +165,7 @@ class Model:
             raise VisionError(f"{source}: no images found")
         out = Path(out)
         options = WriterOptions(
-            save_images=save_images, draw_thresh=DRAW_THRESH if draw_thresh is None else draw_thresh,
+            save_images=save_images, draw_thresh=draw_thresh,
             write_csv=write_csv,
         )
         if hierarchy is not None:

@@ -27,10 +27,11 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
 
 
 def draw_prediction(
-    image: np.ndarray, prediction: dict[str, torch.Tensor], categories: Categories, score_thresh: float = DRAW_THRESH
+    image: np.ndarray, prediction: dict[str, torch.Tensor], categories: Categories, score_thresh: float | None = None
 ) -> np.ndarray:
-    """HxWx3 uint8 RGB with boxes labelled ``name score`` (and masks blended in, when there are any)."""
-    keep = prediction["scores"] >= score_thresh
+    """HxWx3 uint8 RGB with boxes labelled ``name score`` (and masks blended in, when there are any);
+    ``score_thresh`` None draws those scoring ``DRAW_THRESH`` or more."""
+    keep = prediction["scores"] >= (DRAW_THRESH if score_thresh is None else score_thresh)
     boxes, labels, scores = prediction["boxes"][keep], prediction["labels"][keep], prediction["scores"][keep]
     colors = [_PALETTE[(int(lab) - 1) % len(_PALETTE)] for lab in labels]
     canvas = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)

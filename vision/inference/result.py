@@ -55,10 +55,9 @@ class Result:
         if self.image is None:
             raise ValueError("draw() needs the image: predict with keep_images=True (the default)")
         if self.task == "detection":
-            from vision.inference.draw import DRAW_THRESH, draw_prediction
+            from vision.inference.draw import draw_prediction
 
-            thresh = DRAW_THRESH if score_thresh is None else score_thresh
-            return draw_prediction(self.image, self._prediction, self._categories, thresh)
+            return draw_prediction(self.image, self._prediction, self._categories, score_thresh)
         if self.task == "semantic segmentation":
             from vision.inference.writers import overlay
 

@@ -37,7 +37,7 @@ class Drawing:
     """Drawn images: where they go and the score a detection needs to be drawn."""
 
     folder: Path
-    score_thresh: float = 0.3
+    score_thresh: float | None = None  # None: the drawing's default (``draw.DRAW_THRESH``)
 
 
 def _image_png(folder: Path, name: str) -> Path:

@@ -23,7 +23,6 @@ from torch.utils.data import Dataset
 from vision.config import Config
 from vision.data.records import Categories
 from vision.errors import ConfigError
-from vision.inference.draw import DRAW_THRESH
 from vision.inference.result import Result
 from vision.inference.runner import Writer
 
@@ -51,7 +50,7 @@ class WriterOptions:
     """What ``vision predict`` asked the writer for."""
 
     save_images: bool = False
-    draw_thresh: float = DRAW_THRESH
+    draw_thresh: float | None = None  # None: the drawing's default (``draw.DRAW_THRESH``)
     write_csv: bool = False
     expand: Any = None  # detection: per-image parent-class expansion
     categories_out: list[dict[str, Any]] | None = None  # detection: the categories written with it
