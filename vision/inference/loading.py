@@ -88,9 +88,11 @@ def load_for_inference(
     cfg.model.init_from = None
     with initialisers_skipped():  # the checkpoint supplies every weight (strict loading checks it)
         model = build_model(cfg.model)
-    if load_model_weights(model, ckpt, source=str(weights)).reheaded:  # layers it does not fill: start again
-        model = build_model(cfg.model)
-        load_model_weights(model, ckpt, source=str(weights))
+    reheaded = load_model_weights(model, ckpt, source=str(weights)).reheaded
+    if reheaded:  # layers the checkpoint does not fill take their initial values from an initialised build
+        initialised, own = build_model(cfg.model).state_dict(), model.state_dict()
+        for key in reheaded:
+            own[key].copy_(initialised[key])
     model.eval()
     return LoadedModel(model, cfg, categories, str(Path(weights)))
 
