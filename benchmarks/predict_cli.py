@@ -74,14 +74,13 @@ def save_weights(arch: str, path: Path) -> None:
     torch.save(torchvision_model(arch).state_dict(), path)
 
 
-def copy_photos(source: Path, folder: Path, n: int) -> list[str]:
+def copy_photos(source: Path, folder: Path, n: int) -> None:
     photos = sorted(p for p in source.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:n]
     if len(photos) < n:
         raise SystemExit(f"{source}: {len(photos)} photos, fewer than --images {n}")
     folder.mkdir(parents=True)
     for p in photos:
         shutil.copyfile(p, folder / p.name)
-    return [p.name for p in photos]
 
 
 def _environment() -> dict[str, str]:
