@@ -177,9 +177,11 @@ def export_model(
     path = Path(out) if out is not None else Path(weights).with_suffix(suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
     # folded batch norms: the exported graph is smaller and faster, and computes the same function
-    # torchvision's own post-processing: the batched one is Python-bound, not scriptable
-    model = optimize_for_inference(model, EngineOptions(channels_last=False, batched_postprocess=False),
-                                   copy_model=False)
+    # torchvision's own post-processing and convolutions: the batched post-processing and the Winograd
+    # convolutions are Python-bound, not scriptable, and the runtimes have their own convolution kernels
+    model = optimize_for_inference(
+        model, EngineOptions(channels_last=False, batched_postprocess=False, winograd=False), copy_model=False
+    )
     detector = detection_arch(model)
     arch = detector or cfg.model.arch
     if detector is not None:

@@ -65,21 +65,25 @@ def nms_per_image_and_class(
 def _level_candidates(
     model: RetinaNet, logits: Tensor, regression: Tensor, anchors: Tensor, sizes: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One FPN level for all images: each image's top-k scores above the threshold (padded with
-    invalid entries to a common k), their decoded and clipped boxes and their labels."""
+    """One FPN level for all images: each image's top-k scores above the threshold, by descending score,
+    with their decoded and clipped boxes, labels and image indices, image after image.
+
+    The threshold comes first, so the top-k only sees the few candidates: on an 800 px image P3 alone
+    has 12 million scores, and a top-k over all of them took a tenth of the prediction's time.
+    """
     n, _, num_classes = logits.shape
-    scores = torch.sigmoid(logits).flatten(1)
-    k = min(model.topk_candidates, scores.shape[1])
-    top, idx = scores.masked_fill(scores <= model.score_thresh, -1.0).topk(k, dim=1)
-    valid = top > model.score_thresh
-    anchor_idx = torch.div(idx, num_classes, rounding_mode="floor")
-    labels = idx % num_classes
-    gather = anchor_idx[..., None].expand(n, k, 4)
-    boxes = model.box_coder.decode_single(
-        regression.gather(1, gather).reshape(-1, 4), anchors.gather(1, gather).reshape(-1, 4)
-    ).reshape(n, k, 4)
-    boxes = _clip_per_image(boxes, sizes[:, 0].view(n, 1, 1), sizes[:, 1].view(n, 1, 1))
-    return boxes, top, labels, valid
+    all_scores = torch.sigmoid(logits).flatten(1)
+    parts = []
+    for i in range(n):  # torchvision's own steps per image, so that even tied scores come out in its order
+        index = torch.where(all_scores[i] > model.score_thresh)[0]
+        top, pos = all_scores[i, index].topk(min(model.topk_candidates, index.numel()))
+        parts.append((top, index[pos], torch.full_like(pos, i)))
+    scores, index, image = (torch.cat([p[j] for p in parts]) for j in range(3))
+    anchor_idx = torch.div(index, num_classes, rounding_mode="floor")
+    labels = index % num_classes
+    boxes = model.box_coder.decode_single(regression[image, anchor_idx], anchors[image, anchor_idx])
+    boxes = _clip_per_image(boxes, sizes[image, 0].view(-1, 1), sizes[image, 1].view(-1, 1))
+    return boxes, scores, labels, image
 
 
 def batched_postprocess_detections(
@@ -96,10 +100,10 @@ def batched_postprocess_detections(
         _level_candidates(self, logits, regression, torch.stack([a[level] for a in anchors]), sizes)
         for level, (logits, regression) in enumerate(zip(logits_per_level, head_outputs["bbox_regression"]))
     ]
+    boxes, scores, labels, image = (torch.cat([p[i] for p in parts]) for i in range(4))
     # image-major, then level by level, as torchvision concatenates them
-    boxes, scores, labels, valid = (torch.cat([p[i] for p in parts], dim=1) for i in range(4))
-    image = torch.arange(num_images, device=device)[:, None].expand_as(valid)
-    boxes, scores, labels, image = boxes[valid], scores[valid], labels[valid], image[valid]
+    order = torch.argsort(image, stable=True)
+    boxes, scores, labels, image = boxes[order], scores[order], labels[order], image[order]
     kept = nms_per_image_and_class(boxes, scores, labels, image, num_images, num_classes, self.nms_thresh,
                                    self.detections_per_img)
     return [{"boxes": boxes[k], "scores": scores[k], "labels": labels[k]} for k in kept]

@@ -1,0 +1,115 @@
+"""Winograd 3x3 convolutions against PyTorch's own convolution, layer by layer and in a whole detector."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vision.config import ModelConfig
+from vision.inference.engine import EngineOptions, optimize_for_inference
+from vision.inference.winograd import (
+    WinogradConv2d,
+    _transforms,
+    use_winograd,
+    winograd_conv3x3,
+    winograd_filters,
+)
+from vision.models import build_model
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "h", "w", "bias", "channels_last"),
+    [
+        (1, 128, 64, 32, 40, True, True),  # a whole number of tiles
+        (2, 96, 80, 23, 37, True, True),  # partial tiles on both sides, a batch
+        (1, 64, 128, 130, 19, False, False),  # many strips, no bias, an NCHW input
+        (1, 256, 819, 24, 32, True, True),  # RetinaNet's classifier shape
+    ],
+)
+def test_winograd_equals_pytorchs_convolution(n: int, c: int, k: int, h: int, w: int, bias: bool,
+                                              channels_last: bool) -> None:
+    g = torch.Generator().manual_seed(h * w)
+    x = torch.randn(n, c, h, w, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)
+    b = torch.randn(k, generator=g) if bias else None
+    ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    direct = F.conv2d(x, weight, b, padding=1)
+    got = winograd_conv3x3(x, winograd_filters(weight), b, *_transforms(x.device, x.dtype))
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    scale = ref.abs().max().item()
+    # float32 rounding only: within a few times the direct kernel's own error, far below 1e-3
+    assert (got.double() - ref).abs().max().item() < max(20 * (direct.double() - ref).abs().max().item(),
+                                                         1e-5 * scale)
+
+
+def _retinanet() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="retinanet", backbone="resnet18", num_classes=3, fpn_channels=128, min_size=[256],
+                      max_size=320, score_thresh=0.05)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # scores spread out, so that the comparison covers real detections
+        for conv in model.head.classification_head.modules():
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight)
+        model.head.classification_head.cls_logits.bias.zero_()
+    return model
+
+
+def test_use_winograd_rewrites_only_the_eligible_convolutions_and_keeps_the_state_dict() -> None:
+    model = _retinanet()
+    before = model.state_dict()
+    rewritten = use_winograd(model)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    winograd = [m for m in convs if isinstance(m, WinogradConv2d)]
+    assert rewritten == len(winograd) > 8  # the two head towers at least
+    for conv in winograd:
+        assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.in_channels >= 128
+    # strided convolutions, 1x1 convolutions and the 36-channel box regressor stay direct
+    assert model.head.regression_head.bbox_reg.__class__ is nn.Conv2d
+    assert any(m.stride == (2, 2) and type(m) is nn.Conv2d for m in convs)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_detector_with_winograd_convolutions_gives_the_plain_models_detections() -> None:
+    model = _retinanet()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 250, 310, generator=g), torch.rand(3, 300, 240, generator=g)]
+    with torch.inference_mode():
+        ref = model(images)
+        fast = optimize_for_inference(copy.deepcopy(model), EngineOptions())
+        assert any(isinstance(m, WinogradConv2d) for m in fast.modules())
+        got = fast(images)
+    for r, o in zip(ref, got):
+        assert len(r["scores"]) > 20, "the comparison needs detections"
+        top = min(20, len(r["scores"]))
+        torch.testing.assert_close(o["scores"][:top], r["scores"][:top], atol=1e-3, rtol=0)
+        torch.testing.assert_close(o["boxes"][:top], r["boxes"][:top], atol=1e-2, rtol=0)
+        assert torch.equal(o["labels"][:top], r["labels"][:top])
+
+
+def test_winograd_is_off_where_it_does_not_belong() -> None:
+    for options in (EngineOptions.plain(), EngineOptions(precision="bf16"), EngineOptions(winograd=False)):
+        model = optimize_for_inference(_retinanet(), options, copy_model=False)
+        assert not any(isinstance(m, WinogradConv2d) for m in model.modules()), options
+
+
+def test_gradients_and_small_maps_take_the_direct_kernel() -> None:
+    conv = nn.Conv2d(128, 128, 3, padding=1)
+    reference = copy.deepcopy(conv)
+    use_winograd(conv)
+    assert isinstance(conv, WinogradConv2d)
+    x = torch.randn(1, 128, 40, 40, requires_grad=True)
+    conv(x).sum().backward()  # autograd through the direct kernel, as before
+    reference(x).sum().backward()
+    assert torch.equal(conv.weight.grad, reference.weight.grad)
+    small = torch.randn(1, 128, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(conv(small), reference(small))
