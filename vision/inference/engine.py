@@ -103,7 +103,7 @@ def winograd_part(model: nn.Module) -> nn.Module | None:
     classification head (the scores' tower and classifier, three fifths of the head's arithmetic).
 
     Its rounding (about 1e-5 of a value, against 1e-6 directly) moves scores by far less than 1e-3,
-    while through the box regressor, the FPN or the backbone it would move box corners by up to 0.01 px
+    while through the box regressor, the FPN or the backbone it moved box corners by up to 0.006 px
     on a large image; those keep oneDNN's direct kernel, so boxes stay as close to the model's as before.
     """
     head = getattr(model, "head", None)

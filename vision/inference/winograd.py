@@ -6,8 +6,8 @@ a CPU it already runs near the machine's peak there, so only less arithmetic mak
 Winograd's algorithm computes each 4x4 output tile from a 6x6 input tile with 36 products instead of
 144, i.e. 2.25 instead of 9 multiply-adds per output and channel: the work becomes three small
 matrix products around one large batched one (``torch.bmm``), which runs near peak as well.  Measured
-on a 2-core CPU for 256 -> 256 channels at 100 x 134 (RetinaNet's P3), it takes 27 ms against oneDNN's
-47 ms.
+on a 2-core CPU for 256 -> 256 channels at 100 x 156 (RetinaNet's P3), it takes 25 ms against oneDNN's
+53 ms.
 
 It is exact arithmetic reordered, so the result equals the convolution up to float32 rounding (the
 transform matrices hold 1/4, 1/6, 1/12, 1/24 and powers of 2; errors are about 1e-5 of the output's
