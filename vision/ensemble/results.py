@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain
@@ -97,35 +98,54 @@ def read_detections(path: str | os.PathLike):
     """A COCO results file as ``Detections`` columns (no dict outlives the parse)."""
     from vision.ensemble.detections import Detections, from_dicts
 
-    raw = read_bytes(path, "detections")
-    # A key that occurs nowhere in the text is in no entry: no need to look for it entry by entry.
-    with_segmentation = b'"segmentation"' in raw
-    if not with_segmentation:
-        with gc_paused():
-            try:  # typed decoding: no dict per entry, types and the box's length checked by msgspec
-                entries = _DECODER.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                entries = None  # anything unusual: the generic path below finds and words the problem
-            if entries is not None:
-                n = len(entries)
-                try:
-                    dets = Detections(
-                        np.fromiter([e.image_id for e in entries], np.int64, n),
-                        np.fromiter([e.category_id for e in entries], np.int64, n),
-                        np.fromiter(chain.from_iterable([e.bbox for e in entries]), np.float64, 4 * n).reshape(n, 4),
-                        np.fromiter([e.score for e in entries], np.float64, n),
-                    )
-                except OverflowError:  # an id beyond 64 bits
-                    dets = None
-                del entries
-                if dets is not None:
-                    return dets
+    if not os.path.isfile(path):
+        raise DataError(path, "detections file not found")
+    with open(path, "rb") as f, _mapped(f) as raw:
+        # A key that occurs nowhere in the text is in no entry: no need to look for it entry by entry.
+        with_segmentation = raw.find(b'"segmentation"') >= 0
+        if not with_segmentation:
+            with gc_paused():
+                try:  # typed decoding: no dict per entry, types and the box's length checked by msgspec
+                    entries = _DECODER.decode(raw)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    entries = None  # anything unusual: the generic path below finds and words the problem
+                if entries is not None:
+                    n = len(entries)
+                    try:
+                        dets = Detections(
+                            np.fromiter([e.image_id for e in entries], np.int64, n),
+                            np.fromiter([e.category_id for e in entries], np.int64, n),
+                            np.fromiter(chain.from_iterable([e.bbox for e in entries]), np.float64, 4 * n).reshape(n, 4),
+                            np.fromiter([e.score for e in entries], np.float64, n),
+                        )
+                    except OverflowError:  # an id beyond 64 bits
+                        dets = None
+                    del entries
+                    if dets is not None:
+                        return dets
+        raw = bytes(raw)
     data = _results_list(parse_json(raw, path), path)
     del raw
     with gc_paused():
         dets = from_dicts(data, str(path), with_segmentation)
         del data
     return dets
+
+
+@contextlib.contextmanager
+def _mapped(f) -> Iterator[mmap.mmap | bytes]:
+    """The file's bytes, memory-mapped: the JSON parser reads the page cache in place instead of a
+    copy (a tenth of a results file's decoding time, and as many fresh pages as the file has).  An empty
+    file cannot be mapped and is read."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        yield f.read()
+        return
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield mapped
+    finally:
+        mapped.close()
 
 
 class _Entry(msgspec.Struct, gc=False):
@@ -210,34 +230,30 @@ def write_json(path: str | os.PathLike, data) -> None:
 def write_detections(path: str | os.PathLike, dets) -> None:
     """Write ``Detections`` as a COCO results file (atomically); they must be finite (strict JSON).
 
-    Without masks no dict is built: msgspec prints each column as one array (its floats as the shortest
-    text that reads back to the same bits), and the rows' pieces are interleaved with the keys by one
-    ``bytes.join``.
+    Without masks each row becomes a ``_Row`` struct, which msgspec encodes in C (its floats as the
+    shortest text that reads back to the same bits): half the time of printing each column and
+    interleaving the pieces, and a quarter of building dicts.
     """
     finite = np.isfinite(dets.bbox).all() and np.isfinite(dets.score).all()
     if not finite:
         raise ValueError("detections to write must be finite")
-    if dets.segmentation is not None or len(dets) == 0:
+    if dets.segmentation is not None:
         with gc_paused():
             write_json(path, dets.to_dicts())
         return
-    n = len(dets)
-
-    def pieces(a: np.ndarray) -> list[bytes]:
-        return msgspec.json.encode(a.tolist())[1:-1].split(b",")
-
     with gc_paused():
-        parts: list[bytes] = [b""] * (8 * n)
-        parts[0::8] = [b'},{"image_id":'] * n
-        parts[0] = b'[{"image_id":'
-        parts[1::8] = pieces(dets.image_id)
-        parts[2::8] = [b',"category_id":'] * n
-        parts[3::8] = pieces(dets.category_id)
-        parts[4::8] = [b',"bbox":['] * n
-        parts[5::8] = msgspec.json.encode(dets.bbox.tolist())[2:-2].split(b"],[")
-        parts[6::8] = [b'],"score":'] * n
-        parts[7::8] = pieces(dets.score)
-        parts.append(b"}]")
-        payload = b"".join(parts)
+        rows = list(map(_Row, dets.image_id.tolist(), dets.category_id.tolist(), dets.bbox.tolist(),
+                        dets.score.tolist()))
+        payload = msgspec.json.encode(rows)
+        del rows
     with atomic_write(path, "wb") as f:
         f.write(payload)
+
+
+class _Row(msgspec.Struct, gc=False):
+    """One COCO results entry as written, keys in this order."""
+
+    image_id: int
+    category_id: int
+    bbox: list[float]
+    score: float
