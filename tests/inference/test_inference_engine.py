@@ -368,12 +368,13 @@ def test_paste_masks_equals_torchvisions() -> None:
 
 
 def test_engine_pastes_mask_rcnn_masks_as_torchvision() -> None:
-    """The engine's Mask R-CNN pastes with ``paste_masks`` and gives the plain model's masks."""
+    """The engine's Mask R-CNN pastes with ``paste_masks`` and gives the plain model's masks (with the
+    plain arithmetic: no folding, NCHW, direct convolutions)."""
     from vision.inference.engine import optimize_for_inference
     from vision.inference.postprocess import postprocess_with_paste_masks
 
     model = _detector("mask_rcnn")
-    fast = optimize_for_inference(model, EngineOptions(fold_bn=False, channels_last=False))
+    fast = optimize_for_inference(model, EngineOptions(fold_bn=False, channels_last=False, winograd=False))
     assert fast.transform.postprocess.__func__ is postprocess_with_paste_masks
     images = [img.float() / 255 for img in _images()]
     with torch.inference_mode():

@@ -30,8 +30,9 @@ from vision.models import build_model
         (1, 256, 819, 24, 32, True, True),  # RetinaNet's classifier shape
     ],
 )
+@pytest.mark.parametrize("tile", [4, 2])
 def test_winograd_equals_pytorchs_convolution(n: int, c: int, k: int, h: int, w: int, bias: bool,
-                                              channels_last: bool) -> None:
+                                              channels_last: bool, tile: int) -> None:
     g = torch.Generator().manual_seed(h * w)
     x = torch.randn(n, c, h, w, generator=g)
     if channels_last:
@@ -40,13 +41,15 @@ def test_winograd_equals_pytorchs_convolution(n: int, c: int, k: int, h: int, w:
     b = torch.randn(k, generator=g) if bias else None
     ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
     direct = F.conv2d(x, weight, b, padding=1)
-    got = winograd_conv3x3(x, winograd_filters(weight), b, *_transforms(x.device, x.dtype))
+    got = winograd_conv3x3(x, winograd_filters(weight, tile), b, *_transforms(x.device, x.dtype, tile))
     assert got.shape == ref.shape and got.dtype == torch.float32
     assert got.is_contiguous(memory_format=torch.channels_last)
     scale = ref.abs().max().item()
-    # float32 rounding only: within a few times the direct kernel's own error, far below 1e-3
-    assert (got.double() - ref).abs().max().item() < max(20 * (direct.double() - ref).abs().max().item(),
-                                                         1e-5 * scale)
+    error, direct_error = (got.double() - ref).abs().max().item(), (direct.double() - ref).abs().max().item()
+    if tile == 4:  # float32 rounding only: within a few times the direct kernel's own error, far below 1e-3
+        assert error < max(20 * direct_error, 1e-5 * scale)
+    else:  # transforms of 0, 1 and 1/2 only: rounding no larger than the direct kernel's
+        assert error < 1.5 * direct_error
 
 
 def _retinanet() -> nn.Module:
@@ -76,6 +79,22 @@ def test_use_winograd_rewrites_only_the_eligible_convolutions_and_keeps_the_stat
     assert any(m.stride == (2, 2) and type(m) is nn.Conv2d for m in convs)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_the_engine_keeps_f4x4_to_the_scores_and_f2x2_elsewhere() -> None:
+    model = optimize_for_inference(_retinanet(), EngineOptions(), copy_model=False)
+    tiles = {name: m.winograd_tile for name, m in model.named_modules() if isinstance(m, WinogradConv2d)}
+    scores = {name for name in tiles if name.startswith("head.classification_head.")}
+    assert scores and all(tiles[name] == 4 for name in scores)
+    others = set(tiles) - scores
+    assert any(name.startswith("head.regression_head.") for name in others)
+    assert any(name.startswith("backbone.") for name in others)
+    assert all(tiles[name] == 2 for name in others)
+
+
+def test_other_tile_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="4 or 2"):
+        use_winograd(nn.Conv2d(128, 128, 3, padding=1), tile=6)
 
 
 def test_a_detector_with_winograd_convolutions_gives_the_plain_models_detections() -> None:

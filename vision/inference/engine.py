@@ -6,10 +6,12 @@ What it changes, and why each step is safe:
   one pass over every activation map fewer.
 - Weights and activations are ``channels_last``: oneDNN's convolutions work in NHWC, so an NCHW
   model pays a layout reorder around every convolution; with NHWC throughout none is needed.
-- RetinaNet's classification head computes its 3x3 convolutions by Winograd's F(4x4, 3x3) on a CPU
-  in float32 (``winograd.py``, ``winograd_part``): a quarter of the multiplications, the same function
-  up to float32 rounding.  oneDNN's direct kernel already runs near the machine's peak, so only less
-  arithmetic makes those convolutions (a third of the detector's) faster.
+- On a CPU in float32, 3x3 convolutions compute by Winograd's algorithm (``winograd.py``): oneDNN's
+  direct kernel already runs near the machine's peak, so only less arithmetic makes them faster.
+  RetinaNet's classification head (``winograd_part``, a third of the detector's arithmetic) uses
+  F(4x4, 3x3), a quarter of the multiplications, whose rounding moves scores by far less than 1e-3;
+  every other wide 3x3 convolution (backbone, FPN, box tower, RPN) uses F(2x2, 3x3), four ninths of
+  the multiplications, whose rounding is below the direct kernel's, so boxes stay as exact as before.
 - Images are fed in micro-batches of similar aspect ratio.  On a CPU one full-size image already
   fills the cores, and a padded batch only adds memory traffic (and padding when the sizes differ), so
   images run one at a time there; on a GPU batches fill the device, and grouping by aspect ratio keeps
@@ -59,7 +61,7 @@ class EngineOptions:
     micro_batch: int = 0  # images per forward pass; 0: 1 on CPU, 8 on CUDA
     batched_postprocess: bool = True  # RetinaNet / R-CNN: one pass over the batch, not a loop per image
     retain_memory: bool = True  # keep freed host memory for reuse (glibc; process-wide, see host_memory.py)
-    winograd: bool = True  # 3x3 convolutions by Winograd's F(4x4, 3x3) (float32 on a CPU, uncompiled)
+    winograd: bool = True  # 3x3 convolutions by Winograd's algorithm (float32 on a CPU, uncompiled)
 
     @classmethod
     def plain(cls) -> EngineOptions:
@@ -91,20 +93,20 @@ def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model:
         use_batched_postprocess(model)
     if options.winograd and options.precision == "fp32" and not options.compile and _device(model).type == "cpu":
         part = winograd_part(model)
-        if part is not None:
-            log.debug("%d convolutions by Winograd's algorithm", use_winograd(part))
+        fast = use_winograd(part, tile=4) if part is not None else 0
+        log.debug("Winograd convolutions: %d F(4x4, 3x3), %d F(2x2, 3x3)", fast, use_winograd(model, tile=2))
     if options.compile:
         model = compile_model(model)
     return model
 
 
 def winograd_part(model: nn.Module) -> nn.Module | None:
-    """The part of ``model`` whose 3x3 convolutions compute by Winograd's algorithm: RetinaNet's
+    """The part of ``model`` whose 3x3 convolutions compute by Winograd's F(4x4, 3x3): RetinaNet's
     classification head (the scores' tower and classifier, three fifths of the head's arithmetic).
 
     Its rounding (about 1e-5 of a value, against 1e-6 directly) moves scores by far less than 1e-3,
     while through the box regressor, the FPN or the backbone it moved box corners by up to 0.006 px
-    on a large image; those keep oneDNN's direct kernel, so boxes stay as close to the model's as before.
+    on a large image; those take F(2x2, 3x3), whose rounding is below the direct kernel's.
     """
     head = getattr(model, "head", None)
     part = getattr(head, "classification_head", None)
