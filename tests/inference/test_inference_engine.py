@@ -129,19 +129,25 @@ def test_engine_predictions_match_the_plain_model(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
 def test_compiled_engine_matches_the_plain_model(arch: str) -> None:
-    """``--compile``: backbone and dense heads through inductor (weights frozen on a CPU), two image
-    sizes so that a recompile is exercised too; the same detections within 1e-3."""
+    """``--compile``: backbone and dense heads through inductor (weights frozen on a CPU), Winograd
+    convolutions as one operator; compiled once for shapes of any size, so that a second and third image
+    size run without a recompile; the same detections within 1e-3."""
     from torch._dynamo.eval_frame import OptimizedModule
+
+    from vision.inference.winograd import WinogradConv2d
 
     model = _detector(arch, frozen_bn=True)
     cats = Categories.from_names(["a", "b", "c"])
-    images = _images(((150, 200), (200, 150)))
+    images = _images(((150, 200), (200, 150), (170, 230)))
     plain = Predictor(model, cats, device="cpu", engine=EngineOptions.plain()).predict(images)
     fast_predictor = Predictor(model, cats, device="cpu", engine=EngineOptions(compile=True))
     heads = [fast_predictor.model.backbone, fast_predictor.model.head if arch == "retinanet" else
              fast_predictor.model.rpn.head]
     assert all(isinstance(m, OptimizedModule) for m in heads)
-    fast = fast_predictor.predict(images)
+    assert any(isinstance(m, WinogradConv2d) for m in fast_predictor.model.modules())
+    fast = fast_predictor.predict(images[:1])
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the other sizes reuse the first graphs
+        fast += fast_predictor.predict(images[1:])
     for exp, got in zip(plain, fast):
         assert len(exp["boxes"]) >= 5, "the comparison needs real detections"
         _assert_same_detections(got, exp, top=20)

@@ -24,8 +24,8 @@ What it changes, and why each step is safe:
   quarter of a million page faults per 800 px image.
 - Optional reduced precision (bfloat16 on CPUs with native support, float16 or bfloat16 on CUDA) and
   optional ``torch.compile`` (``compile_model``: the backbone and the dense heads, with inductor's
-  weight freezing on a CPU).  These trade exactness or start-up time (a compile per new image size)
-  for speed and are off by default; the float32 path, compiled or not, stays within 1e-3 of the
+  weight freezing on a CPU, one compile for every image size).  These trade exactness or start-up
+  time for speed and are off by default; the float32 path, compiled or not, stays within 1e-3 of the
   unoptimised model.
 
 ``torch.inference_mode`` and pinned, non-blocking host-to-device copies are applied by the predictor.
@@ -61,7 +61,7 @@ class EngineOptions:
     micro_batch: int = 0  # images per forward pass; 0: 1 on CPU, 8 on CUDA
     batched_postprocess: bool = True  # RetinaNet / R-CNN: one pass over the batch, not a loop per image
     retain_memory: bool = True  # keep freed host memory for reuse (glibc; process-wide, see host_memory.py)
-    winograd: bool = True  # 3x3 convolutions by Winograd's algorithm (float32 on a CPU, uncompiled)
+    winograd: bool = True  # 3x3 convolutions by Winograd's algorithm (float32 on a CPU)
 
     @classmethod
     def plain(cls) -> EngineOptions:
@@ -91,7 +91,7 @@ def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model:
         use_channels_last(model)
     if options.batched_postprocess:
         use_batched_postprocess(model)
-    if options.winograd and options.precision == "fp32" and not options.compile and _device(model).type == "cpu":
+    if options.winograd and options.precision == "fp32" and _device(model).type == "cpu":
         part = winograd_part(model)
         fast = use_winograd(part, tile=4) if part is not None else 0
         log.debug("Winograd convolutions: %d F(4x4, 3x3), %d F(2x2, 3x3)", fast, use_winograd(model, tile=2))
@@ -130,8 +130,11 @@ def compile_model(model: nn.Module) -> nn.Module:
 
     On a CPU, inductor's freezing is switched on (process-wide): the weights become constants, so
     oneDNN's convolutions get their weights pre-packed once instead of reordered every call, and
-    convolutions fuse with the additions and activations after them.  Image sizes vary, so the first
-    new size recompiles and later ones run a shape-generic graph.
+    convolutions fuse with the additions and activations after them.  Image sizes vary, so the graphs
+    are compiled for symbolic sizes from the first call: one compile serves every size.  Winograd
+    convolutions enter the graph as one operator each (``vision::winograd_conv3x3``).  Inductor keeps
+    what it compiled in its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default in the temporary
+    folder), so a later process skips code generation and only traces again.
     """
     if _device(model).type == "cpu":
         import torch._inductor.config as inductor_config
@@ -146,9 +149,9 @@ def compile_model(model: nn.Module) -> nn.Module:
             continue
         part = getattr(parent, name, None)
         if isinstance(part, nn.Module):
-            setattr(parent, name, torch.compile(part))
+            setattr(parent, name, torch.compile(part, dynamic=True))
             compiled += 1
-    return model if compiled else torch.compile(model)
+    return model if compiled else torch.compile(model, dynamic=True)
 
 
 def aspect_groups(images: Sequence[torch.Tensor], size: int) -> list[list[int]]:

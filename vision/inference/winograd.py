@@ -103,8 +103,11 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
         target.view(n, r1 - r0, tile, tiles_w, tile, k).copy_(result.permute(2, 3, 0, 4, 1, 5))
         if bias is not None:
             target.add_(bias)  # while the strip is in cache
-    if out.shape[1] != h or out.shape[2] != w:
+    if out.shape[2] != w or (n > 1 and out.shape[1] != h):
         out = out[:, :h, :w].contiguous()
+    elif out.shape[1] != h:  # one image, whole rows: the first h rows are already contiguous
+        out = out.as_strided((n, h, w, k), (h * w * k, w * k, k, 1))
+    # canonical channels_last strides, the batch's too (a compiled graph guards on them)
     return out.permute(0, 3, 1, 2)
 
 
@@ -124,11 +127,31 @@ class WinogradConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or x.dim() != 4 or x.shape[-2] * x.shape[-1] < _MIN_PIXELS
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+                or x.dim() != 4 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return super().forward(x)
-        input_transform, output_transform = _transforms(x.device, x.dtype, self.winograd_tile)
-        return winograd_conv3x3(x, self.winograd_weight, self.bias, input_transform, output_transform)
+        if torch.compiler.is_compiling():
+            # One opaque call for maps of every size: a branch on the size would be a guard of the
+            # compiled graph, and a recompile for each image whose smallest maps fall on its other side.
+            return torch.ops.vision.winograd_conv3x3(x, self.winograd_weight, self.bias)
+        if x.shape[-2] * x.shape[-1] < _MIN_PIXELS:
+            return super().forward(x)
+        return _winograd_op(x, self.winograd_weight, self.bias)
+
+
+def _winograd_op(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    tile = round(filters.shape[0] ** 0.5) - 2
+    return winograd_conv3x3(x, filters, bias, *_transforms(x.device, x.dtype, tile))
+
+
+# For torch.compile: the convolution as an operator of its own, which inductor calls as it is (the fake
+# gives the output's shape and channels_last layout without computing it).
+_compiled_op = torch.library.custom_op("vision::winograd_conv3x3", mutates_args=())(_winograd_op)
+
+
+@_compiled_op.register_fake
+def _(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return x.new_empty((n, filters.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
 
 
 def _eligible(module: nn.Module) -> bool:
