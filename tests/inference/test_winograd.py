@@ -134,3 +134,7 @@ def test_gradients_and_small_maps_take_the_direct_kernel() -> None:
     small = torch.randn(1, 128, 8, 8)
     with torch.no_grad():
         assert torch.equal(conv(small), reference(small))
+    # under autocast (evaluation during mixed-precision training) the convolution is autocast's
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, exp = conv(x), reference(x)
+    assert got.dtype == exp.dtype == torch.bfloat16 and torch.equal(got, exp)

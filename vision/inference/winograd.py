@@ -115,7 +115,8 @@ class WinogradConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (3x3, stride 1, padding 1) computed by ``winograd_conv3x3`` where that pays.
 
     Instances are made by ``use_winograd`` changing the class of an existing convolution; the direct
-    kernel still runs for small maps, other dtypes or devices, and anything that needs gradients.
+    kernel still runs for small maps, other dtypes or devices, under autocast, and for anything that
+    needs gradients.
     """
 
     winograd_weight: torch.Tensor
@@ -126,8 +127,11 @@ class WinogradConv2d(nn.Conv2d):
         self.register_buffer("winograd_weight", winograd_filters(self.weight, tile), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast the direct kernel runs in the reduced precision autocast picks for convolutions;
+        # Winograd's transforms would be cast to it too and lose far more.
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or x.dim() != 4 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+                or x.dim() != 4 or torch.is_autocast_enabled("cpu")
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return super().forward(x)
         if torch.compiler.is_compiling():
             # One opaque call for maps of every size: a branch on the size would be a guard of the
