@@ -45,7 +45,7 @@ with torch.inference_mode():
         net(x)
     start = libc.mallinfo2()
     mapped_while_alive.clear()
-    for _ in range(6):
+    for _ in range(int(sys.argv[3])):
         net(x)
 end = libc.mallinfo2()
 print(applied, max(mapped_while_alive) - start.hblkhd, end.fordblks, end.arena - start.arena)
@@ -53,6 +53,7 @@ print(applied, max(mapped_while_alive) - start.hblkhd, end.fordblks, end.arena -
 
 SIDE = 768
 ACTIVATION = 16 * SIDE * SIDE * 4  # bytes of one float32 activation of the program's net
+PASSES = 12  # measured passes, after two that lay out the heap
 
 
 def _mallinfo(retain: bool) -> tuple[bool, int, int, int]:
@@ -60,7 +61,8 @@ def _mallinfo(retain: bool) -> tuple[bool, int, int, int]:
     # glibc's own defaults: no malloc tunables inherited from the environment
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     env["VISION_RETAIN_FREED_MEMORY"] = "1"
-    out = subprocess.run([sys.executable, "-c", PROGRAM, "1" if retain else "0", str(SIDE)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", PROGRAM, "1" if retain else "0", str(SIDE), str(PASSES)],
+                         capture_output=True, text=True,
                          env=env, check=True, cwd=PROJECT_ROOT)
     if out.stdout.strip() == "unsupported":
         pytest.skip("no mallinfo2 (glibc older than 2.33)")
@@ -75,7 +77,13 @@ def test_freed_activations_stay_in_the_heap_and_serve_the_next_pass() -> None:
         pytest.skip("not glibc")
     assert mapped == 0, "with retention activations come from the heap, not from mappings of their own"
     assert kept >= 2 * ACTIVATION, "freed activations stay in the heap instead of being trimmed back to the kernel"
-    assert growth == 0, "once laid out, the heap serves every later pass without growing"
+    # Once laid out, the heap serves the later passes instead of growing with each of them.  A small block
+    # malloc happens to place in a freed activation's hole can still move an activation to the top of
+    # the heap now and then: 0 to 3 activations in all, from one run to the next on one host, as much
+    # over 48 passes as over 12.  So 4 are allowed; passes that each took fresh memory would grow it by
+    # one activation per pass at least.
+    assert growth <= 4 * ACTIVATION, (
+        f"the heap grew by {growth / ACTIVATION:.1f} activations over {PASSES} passes")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
