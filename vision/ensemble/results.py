@@ -56,9 +56,13 @@ def read_json(path: str | os.PathLike, what: str):
     return parse_json(read_bytes(path, what), path)
 
 
-def read_bytes(path: str | os.PathLike, what: str) -> bytes:
+def _require_file(path: str | os.PathLike, what: str) -> None:
     if not os.path.isfile(path):
         raise DataError(path, f"{what} file not found")
+
+
+def read_bytes(path: str | os.PathLike, what: str) -> bytes:
+    _require_file(path, what)
     with open(path, "rb") as f:
         return f.read()
 
@@ -98,8 +102,7 @@ def read_detections(path: str | os.PathLike):
     """A COCO results file as ``Detections`` columns (no dict outlives the parse)."""
     from vision.ensemble.detections import Detections, from_dicts
 
-    if not os.path.isfile(path):
-        raise DataError(path, "detections file not found")
+    _require_file(path, "detections")
     with open(path, "rb") as f, _mapped(f) as raw:
         # A key that occurs nowhere in the text is in no entry: no need to look for it entry by entry.
         with_segmentation = raw.find(b'"segmentation"') >= 0

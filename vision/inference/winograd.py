@@ -72,6 +72,11 @@ def _transforms(device: torch.device, dtype: torch.dtype, tile: int = 4) -> tupl
     return (torch.kron(bt, bt).to(device, dtype), torch.kron(at, at).to(device, dtype))
 
 
+def _tile_of(filters: torch.Tensor) -> int:
+    """The output tile side that ``winograd_filters`` made ``filters`` for: (tile + 2)^2 rows."""
+    return round(filters.shape[0] ** 0.5) - 2
+
+
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
                      input_transform: torch.Tensor, output_transform: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for ``filters = winograd_filters(weight, tile)`` and
@@ -85,8 +90,8 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     """
     n, c, h, w = x.shape
     k = filters.shape[2]
-    size = round(filters.shape[0] ** 0.5)  # input tile side
-    tile = size - 2
+    tile = _tile_of(filters)
+    size = tile + 2  # input tile side
     tiles_h, tiles_w = -(-h // tile), -(-w // tile)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tile * tiles_w + 1 - w, 1, tile * tiles_h + 1 - h))
     out = torch.empty(n, tile * tiles_h, tile * tiles_w, k, dtype=x.dtype, device=x.device)
@@ -120,11 +125,13 @@ class WinogradConv2d(nn.Conv2d):
     """
 
     winograd_weight: torch.Tensor
-    winograd_tile: int
 
     def attach_filters(self, tile: int) -> None:
-        self.winograd_tile = tile
         self.register_buffer("winograd_weight", winograd_filters(self.weight, tile), persistent=False)
+
+    @property
+    def winograd_tile(self) -> int:
+        return _tile_of(self.winograd_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the direct kernel runs in the reduced precision autocast picks for convolutions;
@@ -143,8 +150,7 @@ class WinogradConv2d(nn.Conv2d):
 
 
 def _winograd_op(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    tile = round(filters.shape[0] ** 0.5) - 2
-    return winograd_conv3x3(x, filters, bias, *_transforms(x.device, x.dtype, tile))
+    return winograd_conv3x3(x, filters, bias, *_transforms(x.device, x.dtype, _tile_of(filters)))
 
 
 # For torch.compile: the convolution as an operator of its own, which inductor calls as it is (the fake
