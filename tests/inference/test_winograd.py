@@ -83,15 +83,14 @@ def test_use_winograd_rewrites_only_the_eligible_convolutions_and_keeps_the_stat
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_the_engine_keeps_f4x4_to_the_scores_and_f2x2_elsewhere() -> None:
-    model = optimize_for_inference(_retinanet(), EngineOptions(), copy_model=False)
+@pytest.mark.parametrize("tile", [4, 2])
+def test_the_engine_computes_every_wide_3x3_convolution_with_the_tile_asked_for(tile: int) -> None:
+    options = EngineOptions() if tile == 4 else EngineOptions(winograd_tile=tile)  # F(4x4, 3x3) by default
+    model = optimize_for_inference(_retinanet(), options, copy_model=False)
     tiles = {name: m.winograd_tile for name, m in model.named_modules() if isinstance(m, WinogradConv2d)}
-    scores = {name for name in tiles if name.startswith("head.classification_head.")}
-    assert scores and all(tiles[name] == 4 for name in scores)
-    others = set(tiles) - scores
-    assert any(name.startswith("head.regression_head.") for name in others)
-    assert any(name.startswith("backbone.") for name in others)
-    assert all(tiles[name] == 2 for name in others)
+    for part in ("backbone.", "head.classification_head.", "head.regression_head."):
+        assert any(name.startswith(part) for name in tiles), part
+    assert set(tiles.values()) == {tile}
 
 
 def test_other_tile_sizes_are_refused() -> None:

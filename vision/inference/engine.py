@@ -6,12 +6,12 @@ What it changes, and why each step is safe:
   one pass over every activation map fewer.
 - Weights and activations are ``channels_last``: oneDNN's convolutions work in NHWC, so an NCHW
   model pays a layout reorder around every convolution; with NHWC throughout none is needed.
-- On a CPU in float32, 3x3 convolutions compute by Winograd's algorithm (``winograd.py``): oneDNN's
-  direct kernel already runs near the machine's peak, so only less arithmetic makes them faster.
-  RetinaNet's classification head (``winograd_part``, a third of the detector's arithmetic) uses
-  F(4x4, 3x3), a quarter of the multiplications, whose rounding moves scores by far less than 1e-3;
-  every other wide 3x3 convolution (backbone, FPN, box tower, RPN) uses F(2x2, 3x3), four ninths of
-  the multiplications, whose rounding is below the direct kernel's, so boxes stay as exact as before.
+- On a CPU in float32, wide 3x3 convolutions (backbone, FPN, head towers, RPN) compute by Winograd's
+  F(4x4, 3x3) (``winograd.py``): oneDNN's direct kernel already runs near the machine's peak, so only
+  less arithmetic makes them faster, and F(4x4, 3x3) needs a quarter of the multiplications.  Its
+  rounding (about 1e-5 of a value, against 1e-6 directly) moves RetinaNet's and Faster R-CNN's scores
+  by about 1e-6 and boxes by about 1e-4 px on 800 px photos.  ``winograd_tile=2`` takes F(2x2, 3x3)
+  instead: four ninths of the multiplications, rounding below the direct kernel's.
 - Images are fed in micro-batches of similar aspect ratio.  On a CPU one full-size image already
   fills the cores, and a padded batch only adds memory traffic (and padding when the sizes differ), so
   images run one at a time there; on a GPU batches fill the device, and grouping by aspect ratio keeps
@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models.detection import RetinaNet
 
 from vision.inference.fold_bn import fold_batch_norms
 from vision.inference.postprocess import use_batched_postprocess
@@ -62,6 +61,7 @@ class EngineOptions:
     batched_postprocess: bool = True  # RetinaNet / R-CNN: one pass over the batch, not a loop per image
     retain_memory: bool = True  # keep freed host memory for reuse (glibc; process-wide, see host_memory.py)
     winograd: bool = True  # 3x3 convolutions by Winograd's algorithm (float32 on a CPU)
+    winograd_tile: int = 4  # its output tiles: 4 (fewest products) or 2 (rounding below the direct kernel's)
 
     @classmethod
     def plain(cls) -> EngineOptions:
@@ -92,26 +92,11 @@ def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model:
     if options.batched_postprocess:
         use_batched_postprocess(model)
     if options.winograd and options.precision == "fp32" and _device(model).type == "cpu":
-        part = winograd_part(model)
-        fewest_products = use_winograd(part, tile=4) if part is not None else 0
-        finer_rounding = use_winograd(model, tile=2)  # every eligible convolution the line above left
-        log.debug("Winograd convolutions: %d F(4x4, 3x3), %d F(2x2, 3x3)", fewest_products, finer_rounding)
+        rewritten = use_winograd(model, tile=options.winograd_tile)
+        log.debug("%d convolutions by Winograd's F(%dx%d, 3x3)", rewritten, options.winograd_tile, options.winograd_tile)
     if options.compile:
         model = compile_model(model)
     return model
-
-
-def winograd_part(model: nn.Module) -> nn.Module | None:
-    """The part of ``model`` whose 3x3 convolutions compute by Winograd's F(4x4, 3x3): RetinaNet's
-    classification head (the scores' tower and classifier, three fifths of the head's arithmetic).
-
-    Its rounding (about 1e-5 of a value, against 1e-6 directly) moves scores by far less than 1e-3.
-    Boxes come from the backbone, the FPN and the box regressor, which take F(2x2, 3x3) instead: its
-    rounding is below the direct kernel's, so boxes stay as close to the model's as before.
-    """
-    head = getattr(model, "head", None)
-    part = getattr(head, "classification_head", None)
-    return part if isinstance(model, RetinaNet) and isinstance(part, nn.Module) else None
 
 
 def _device(model: nn.Module) -> torch.device:
