@@ -12,6 +12,9 @@ What it changes, and why each step is safe:
   rounding (about 1e-5 of a value, against 1e-6 directly) moves RetinaNet's and Faster R-CNN's scores
   by about 1e-6 and boxes by about 1e-4 px on 800 px photos.  ``winograd_tile=2`` takes F(2x2, 3x3)
   instead: four ninths of the multiplications, rounding below the direct kernel's.
+- On a CPU, ReLUs and ResNet blocks' residual additions run inside the convolutions before them
+  (``fused_conv.py``): oneDNN's post-ops, or in cache for Winograd convolutions, instead of two more
+  passes over each activation map.
 - Images are fed in micro-batches of similar aspect ratio.  On a CPU one full-size image already
   fills the cores, and a padded batch only adds memory traffic (and padding when the sizes differ), so
   images run one at a time there; on a GPU batches fill the device, and grouping by aspect ratio keeps
@@ -42,6 +45,7 @@ import torch
 from torch import nn
 
 from vision.inference.fold_bn import fold_batch_norms
+from vision.inference.fused_conv import fuse_activations
 from vision.inference.postprocess import use_batched_postprocess
 from vision.inference.winograd import use_winograd
 from vision.models.layout import use_channels_last
@@ -62,11 +66,13 @@ class EngineOptions:
     retain_memory: bool = True  # keep freed host memory for reuse (glibc; process-wide, see host_memory.py)
     winograd: bool = True  # 3x3 convolutions by Winograd's algorithm (float32 on a CPU)
     winograd_tile: int = 4  # its output tiles: 4 (fewest products) or 2 (rounding below the direct kernel's)
+    fuse_activations: bool = True  # ReLUs and residual additions inside the convolutions (oneDNN, CPU)
 
     @classmethod
     def plain(cls) -> EngineOptions:
         return cls(fold_bn=False, channels_last=False, precision="fp32", compile=False, micro_batch=0,
-                   batched_postprocess=False, retain_memory=False, winograd=False)
+                   batched_postprocess=False, retain_memory=False, winograd=False,
+                   fuse_activations=False)
 
     def images_per_pass(self, device: torch.device) -> int:
         if self.micro_batch > 0:
@@ -94,6 +100,8 @@ def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model:
     if options.winograd and options.precision == "fp32" and _device(model).type == "cpu":
         rewritten = use_winograd(model, tile=options.winograd_tile)
         log.debug("%d convolutions by Winograd's F(%dx%d, 3x3)", rewritten, options.winograd_tile, options.winograd_tile)
+    if options.fuse_activations and _device(model).type == "cpu":
+        log.debug("%d ReLUs moved into convolutions", fuse_activations(model))
     if options.compile:
         model = compile_model(model)
     return model

@@ -179,8 +179,10 @@ def export_model(
     # folded batch norms: the exported graph is smaller and faster, and computes the same function
     # torchvision's own post-processing and convolutions: the batched post-processing and the Winograd
     # convolutions are Python-bound, not scriptable, and the runtimes have their own convolution kernels
+    # (and fuse activations themselves)
     model = optimize_for_inference(
-        model, EngineOptions(channels_last=False, batched_postprocess=False, winograd=False), copy_model=False
+        model, EngineOptions(channels_last=False, batched_postprocess=False, winograd=False,
+                             fuse_activations=False), copy_model=False
     )
     detector = detection_arch(model)
     arch = detector or cfg.model.arch

@@ -34,8 +34,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from vision.inference.fused_conv import FusedConv2d
 
 # Y = A^T [(G g G^T) * (B^T d B)] A for an (m + 2) x (m + 2) tile d and a 3x3 filter g (Lavin & Gray, 2016),
 # by output tile side m: (B^T, G, A^T).
@@ -78,9 +79,9 @@ def _tile_of(filters: torch.Tensor) -> int:
 
 
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
-                     input_transform: torch.Tensor, output_transform: torch.Tensor) -> torch.Tensor:
+                     input_transform: torch.Tensor, output_transform: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for ``filters = winograd_filters(weight, tile)`` and
-    ``_transforms(..., tile)`` (the tile size follows from the filters' shape).
+    ``_transforms(..., tile)`` (the tile size follows from the filters' shape), then a ReLU where ``relu``.
 
     ``x`` is ``[N, C, H, W]``, ideally ``channels_last``: tiles are cut from its NHWC view, and the
     result is ``[N, K, H, W]`` in ``channels_last`` memory, as oneDNN's convolution returns it.  A large
@@ -93,7 +94,7 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     tile = _tile_of(filters)
     size = tile + 2  # input tile side
     tiles_h, tiles_w = -(-h // tile), -(-w // tile)
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tile * tiles_w + 1 - w, 1, tile * tiles_h + 1 - h))
+    padded = _zero_padded(x.permute(0, 2, 3, 1), tile * tiles_h + 2, tile * tiles_w + 2)
     out = torch.empty(n, tile * tiles_h, tile * tiles_w, k, dtype=x.dtype, device=x.device)
     rows = max(1, _STRIP_VALUES // (size * size * c * tiles_w * n))
     for r0 in range(0, tiles_h, rows):
@@ -108,6 +109,8 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
         target.view(n, r1 - r0, tile, tiles_w, tile, k).copy_(result.permute(2, 3, 0, 4, 1, 5))
         if bias is not None:
             target.add_(bias)  # while the strip is in cache
+        if relu:
+            target.relu_()
     if out.shape[2] != w or (n > 1 and out.shape[1] != h):
         out = out[:, :h, :w].contiguous()
     elif out.shape[1] != h:  # one image, whole rows: the first h rows are already contiguous
@@ -116,12 +119,26 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     return out.permute(0, 3, 1, 2)
 
 
-class WinogradConv2d(nn.Conv2d):
+def _zero_padded(nhwc: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``nhwc`` one pixel in from the top left of a zero ``[N, height, width, C]`` map.  Only the border is
+    zeroed: ``F.pad`` zeroes the whole map before copying the inside over it, one more pass over memory."""
+    n, h, w, c = nhwc.shape
+    padded = nhwc.new_empty(n, height, width, c)
+    padded[:, 1 : h + 1, 1 : w + 1] = nhwc
+    padded[:, 0].zero_()
+    padded[:, h + 1 :].zero_()
+    padded[:, 1 : h + 1, 0].zero_()
+    padded[:, 1 : h + 1, w + 1 :].zero_()
+    return padded
+
+
+class WinogradConv2d(FusedConv2d):
     """An ``nn.Conv2d`` (3x3, stride 1, padding 1) computed by ``winograd_conv3x3`` where that pays.
 
     Instances are made by ``use_winograd`` changing the class of an existing convolution; the direct
     kernel still runs for small maps, other dtypes or devices, under autocast, and for anything that
-    needs gradients.
+    needs gradients.  A ReLU (``relu``) and a residual that ``fuse_activations`` moved into it are
+    applied as by a ``FusedConv2d``.
     """
 
     winograd_weight: torch.Tensor
@@ -133,24 +150,27 @@ class WinogradConv2d(nn.Conv2d):
     def winograd_tile(self) -> int:
         return _tile_of(self.winograd_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         # Under autocast the direct kernel runs in the reduced precision autocast picks for convolutions;
         # Winograd's transforms would be cast to it too and lose far more.
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
                 or x.dim() != 4 or torch.is_autocast_enabled("cpu")
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return super().forward(x)
+            return super().forward(x, residual)
+        relu = self.relu and residual is None  # with a residual the ReLU comes after the addition
         if torch.compiler.is_compiling():
             # One opaque call for maps of every size: a branch on the size would be a guard of the
             # compiled graph, and a recompile for each image whose smallest maps fall on its other side.
-            return torch.ops.vision.winograd_conv3x3(x, self.winograd_weight, self.bias)
-        if x.shape[-2] * x.shape[-1] < _MIN_PIXELS:
-            return super().forward(x)
-        return _winograd_op(x, self.winograd_weight, self.bias)
+            y = torch.ops.vision.winograd_conv3x3(x, self.winograd_weight, self.bias, relu)
+        elif x.shape[-2] * x.shape[-1] < _MIN_PIXELS:
+            return super().forward(x, residual)
+        else:
+            y = _winograd_op(x, self.winograd_weight, self.bias, relu)
+        return y if residual is None else self.finish(y, residual)
 
 
-def _winograd_op(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return winograd_conv3x3(x, filters, bias, *_transforms(x.device, x.dtype, _tile_of(filters)))
+def _winograd_op(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    return winograd_conv3x3(x, filters, bias, *_transforms(x.device, x.dtype, _tile_of(filters)), relu=relu)
 
 
 # For torch.compile: the convolution as an operator of its own, which inductor calls as it is (the fake
@@ -159,7 +179,7 @@ _compiled_op = torch.library.custom_op("vision::winograd_conv3x3", mutates_args=
 
 
 @_compiled_op.register_fake
-def _(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
     n, _, h, w = x.shape
     return x.new_empty((n, filters.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
 
