@@ -28,6 +28,13 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     return {"tmp": tmp, "cfg": cfg, "run": tmp / "run", "bad": bad}
 
 
+def _ensure_trained(trained: dict[str, Path], capfd) -> None:
+    """The run the first test trains, for tests run without it (``-k``)."""
+    if not (trained["run"] / "last.pt").is_file():
+        assert cli(["train", str(trained["cfg"]), "train.seed=5", "--output", str(trained["run"])]) == 0
+        capfd.readouterr()
+
+
 def test_train_writes_the_run_folder(trained, capfd, caplog):
     run = trained["run"]
     assert cli(["train", str(trained["cfg"]), "train.seed=5", "--output", str(run)]) == 0
@@ -48,11 +55,13 @@ def test_train_writes_the_run_folder(trained, capfd, caplog):
 
 
 def test_train_refuses_to_overwrite_a_run(trained, capfd):
+    _ensure_trained(trained, capfd)
     assert cli(["train", str(trained["cfg"]), "--output", str(trained["run"])]) == 2
     assert "already holds a run" in capfd.readouterr().err
 
 
 def test_eval_of_a_vision_checkpoint_needs_no_config(trained, capfd):
+    _ensure_trained(trained, capfd)
     best = trained["run"] / "best.pt"
     assert cli(["eval", "--weights", str(best)]) == 0
     out = capfd.readouterr().out
@@ -65,6 +74,7 @@ def test_eval_of_a_vision_checkpoint_needs_no_config(trained, capfd):
 
 
 def test_eval_of_a_plain_state_dict_takes_the_config(trained, capfd):
+    _ensure_trained(trained, capfd)
     plain = trained["tmp"] / "plain.pt"
     atomic_save(load_checkpoint_file(trained["run"] / "best.pt")["model"], plain)
     out_json = trained["tmp"] / "plain_metrics.json"
@@ -93,6 +103,7 @@ def test_resume_flag_accepts_overrides_after_it(trained):
 
 
 def test_resume_with_more_epochs_extends_the_schedule(trained, capfd):
+    _ensure_trained(trained, capfd)
     run = trained["run"]
     assert cli(["train", str(trained["cfg"]), "train.seed=5", "--resume", "train.epochs=2", "--output", str(run)]) == 0
     assert capfd.readouterr().out.strip().splitlines()[-1].startswith("trained 4 iterations (2.00 epochs)")

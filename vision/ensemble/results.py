@@ -19,6 +19,7 @@ import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain
+from operator import attrgetter
 
 import msgspec
 import numpy as np
@@ -100,39 +101,47 @@ def load_results(path: str | os.PathLike) -> list[dict]:
 
 def read_detections(path: str | os.PathLike):
     """A COCO results file as ``Detections`` columns (no dict outlives the parse)."""
-    from vision.ensemble.detections import Detections, from_dicts
+    from vision.ensemble.detections import from_dicts
 
     _require_file(path, "detections")
     with open(path, "rb") as f, _mapped(f) as raw:
-        # A key that occurs nowhere in the text is in no entry: no need to look for it entry by entry.
-        with_segmentation = raw.find(b'"segmentation"') >= 0
-        if not with_segmentation:
-            with gc_paused():
-                try:  # typed decoding: no dict per entry, types and the box's length checked by msgspec
-                    entries = _DECODER.decode(raw)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    entries = None  # anything unusual: the generic path below finds and words the problem
-                if entries is not None:
-                    n = len(entries)
-                    try:
-                        dets = Detections(
-                            np.fromiter([e.image_id for e in entries], np.int64, n),
-                            np.fromiter([e.category_id for e in entries], np.int64, n),
-                            np.fromiter(chain.from_iterable([e.bbox for e in entries]), np.float64, 4 * n).reshape(n, 4),
-                            np.fromiter([e.score for e in entries], np.float64, n),
-                        )
-                    except OverflowError:  # an id beyond 64 bits
-                        dets = None
-                    del entries
-                    if dets is not None:
-                        return dets
-        raw = bytes(raw)
+        dets = _typed_columns(raw)
+        if dets is None:
+            raw = bytes(raw)
+    if dets is not None:
+        return dets
+    # anything unusual (masks, a malformed entry, an id beyond 64 bits): the generic path finds and words it
     data = _results_list(parse_json(raw, path), path)
+    with_segmentation = raw.find(b'"segmentation"') >= 0  # a key that occurs nowhere in the text is in no entry
     del raw
     with gc_paused():
         dets = from_dicts(data, str(path), with_segmentation)
         del data
     return dets
+
+
+def _typed_columns(raw: mmap.mmap | bytes):
+    """Detections without masks, decoded into ``_Entry`` structs (no dict per entry; types and the box's
+    length checked by msgspec) and gathered into columns; None for anything else."""
+    from vision.ensemble.detections import Detections
+
+    with gc_paused():
+        try:
+            entries = _DECODER.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        n = len(entries)
+        if any(map(_SEGMENTATION, entries)):
+            return None
+        try:
+            return Detections(
+                np.fromiter(map(_IMAGE_ID, entries), np.int64, n),
+                np.fromiter(map(_CATEGORY_ID, entries), np.int64, n),
+                np.fromiter(chain.from_iterable(map(_BBOX, entries)), np.float64, 4 * n).reshape(n, 4),
+                np.fromiter(map(_SCORE, entries), np.float64, n),
+            )
+        except OverflowError:  # an id beyond 64 bits
+            return None
 
 
 @contextlib.contextmanager
@@ -152,15 +161,19 @@ def _mapped(f) -> Iterator[mmap.mmap | bytes]:
 
 
 class _Entry(msgspec.Struct, gc=False):
-    """One COCO results entry, as msgspec decodes it (unknown keys are skipped)."""
+    """One COCO results entry, as msgspec decodes it (unknown keys are skipped).  A mask is kept as its
+    undecoded text: an entry that has one (even ``null``) sends the file down the generic path."""
 
     image_id: int
     category_id: int
     bbox: tuple[float, float, float, float]
     score: float
+    segmentation: msgspec.Raw = msgspec.Raw()
 
 
 _DECODER = msgspec.json.Decoder(list[_Entry])
+_IMAGE_ID, _CATEGORY_ID, _BBOX, _SCORE, _SEGMENTATION = map(
+    attrgetter, ("image_id", "category_id", "bbox", "score", "segmentation"))
 
 
 def load_images(path: str | os.PathLike) -> tuple[dict[int, tuple[int, int]], list[dict]]:
