@@ -92,7 +92,7 @@ class Model:
     # in memory ---------------------------------------------------------------------------------------
 
     def predict(
-        self, source: Source, *, batch_size: int = 4, workers: int = 2, stream: bool = False, keep_images: bool = True
+        self, source: Source, *, batch_size: int = 2, workers: int = 2, stream: bool = False, keep_images: bool = True
     ) -> list[Result] | Iterator[Result]:
         """Predictions for a path, folder, glob, list file, list of paths, RGB numpy array, PIL image or a
         list of arrays / images; one ``Result`` per image, in order.  Unreadable files are skipped with a
@@ -143,7 +143,7 @@ class Model:
         source: str | os.PathLike,
         out: str | os.PathLike,
         *,
-        batch_size: int = 4,
+        batch_size: int = 2,
         workers: int = 2,
         save_images: bool = False,
         draw_thresh: float | None = None,

@@ -26,9 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-images", action="store_true", help="also write each image with its detections drawn")
     parser.add_argument("--draw-thresh", type=float, default=None,
                         help="score a detection needs to be drawn (default 0.5; the results keep every detection)")
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="images decoded and handed to the model together (on a CPU, those of one input"
-                             " size share a forward pass)")
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="float16 (CUDA) / bfloat16 (CPU) inference")
@@ -36,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute precision (default fp32; bf16 needs a CPU with native bfloat16 or a GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and dense heads (one compile for every image size, cached on disk)")
     parser.add_argument("--micro-batch", type=int, default=0,
-                        help="images per forward pass (default: on a CPU up to 4 of one input size, on CUDA 8)")
+                        help="images per forward pass (default: 1 on CPU, 8 on CUDA)")
     parser.add_argument("--plain", action="store_true",
                         help="run the model exactly as trained (no batch-norm folding, no channels_last)")
     parser.add_argument("--overwrite", action="store_true",

@@ -15,12 +15,10 @@ What it changes, and why each step is safe:
 - On a CPU, ReLUs and ResNet blocks' residual additions run inside the convolutions before them
   (``fused_conv.py``): oneDNN's post-ops, or in cache for Winograd convolutions, instead of two more
   passes over each activation map.
-- Images are fed in micro-batches.  On a CPU only images whose model input has the same size (after
-  the detector's resize and its padding to a multiple of 32) share a pass, up to 4
-  (``same_input_groups``): padding one image to another's size would change its detections at the
-  border and add work, while a batch of equal inputs computes each image's very detections 10-14%
-  faster (fewer, larger matrix products).  On a GPU batches fill the device, and grouping by aspect
-  ratio keeps the padding torchvision's transform adds small.
+- Images are fed in micro-batches of similar aspect ratio.  On a CPU one full-size image already
+  fills the cores, and a padded batch only adds memory traffic (and padding when the sizes differ), so
+  images run one at a time there; on a GPU batches fill the device, and grouping by aspect ratio keeps
+  the padding torchvision's transform adds small.
 - Post-processing (RetinaNet's, and the R-CNN proposal filter and box head) runs once for the whole
   batch (``postprocess.py``) instead of per image: the same detections with a fraction of the small
   kernel calls.
@@ -40,13 +38,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from vision.inference.fold_bn import fold_batch_norms
 from vision.inference.fused_conv import fuse_activations
@@ -65,7 +61,7 @@ class EngineOptions:
     channels_last: bool = True
     precision: str = "fp32"
     compile: bool = False
-    micro_batch: int = 0  # images per forward pass; 0: on a CPU up to 4 of one input size, on CUDA 8
+    micro_batch: int = 0  # images per forward pass; 0: 1 on CPU, 8 on CUDA
     batched_postprocess: bool = True  # RetinaNet / R-CNN: one pass over the batch, not a loop per image
     retain_memory: bool = True  # keep freed host memory for reuse (glibc; process-wide, see host_memory.py)
     winograd: bool = True  # 3x3 convolutions by Winograd's algorithm (float32 on a CPU)
@@ -82,10 +78,6 @@ class EngineOptions:
         if self.micro_batch > 0:
             return self.micro_batch
         return 8 if device.type == "cuda" else 1
-
-    def groups_equal_inputs(self, device: torch.device) -> bool:
-        """On a CPU by default, a pass takes several images only where their model inputs are equal."""
-        return self.micro_batch == 0 and device.type != "cuda"
 
 
 def optimize_for_inference(model: nn.Module, options: EngineOptions, copy_model: bool = True) -> nn.Module:
@@ -154,31 +146,6 @@ def compile_model(model: nn.Module) -> nn.Module:
             setattr(parent, name, torch.compile(part, dynamic=True))
             compiled += 1
     return model if compiled else torch.compile(model, dynamic=True)
-
-
-CPU_IMAGES_PER_PASS = 4  # images of one input size per pass on a CPU (2: 10% faster per image, 4: 14%)
-
-
-def input_size(model: nn.Module, height: int, width: int) -> tuple[int, int] | None:
-    """The (height, width) of the batch tensor a detector makes of one ``height`` x ``width`` image at
-    inference: torchvision's ``GeneralizedRCNNTransform`` resize (the output size interpolation
-    computes, ``floor(side * scale)``), then its padding to ``size_divisible``.  None for other models."""
-    transform = getattr(model, "transform", None)
-    if not isinstance(transform, GeneralizedRCNNTransform) or transform.fixed_size is not None:
-        return None
-    scale = min(float(transform.min_size[-1]) / min(height, width), float(transform.max_size) / max(height, width))
-    stride = transform.size_divisible
-    return tuple(math.ceil(math.floor(side * scale) / stride) * stride for side in (height, width))  # type: ignore[return-value]
-
-
-def same_input_groups(model: nn.Module, images: Sequence[torch.Tensor], size: int) -> list[list[int]]:
-    """Indices of ``images`` in groups of at most ``size`` whose model inputs are the same size
-    (``input_size``); an image of a model without a known input size is a group of its own."""
-    groups: dict[object, list[int]] = {}
-    for i, image in enumerate(images):
-        shape = input_size(model, int(image.shape[-2]), int(image.shape[-1]))
-        groups.setdefault(shape if shape is not None else ("alone", i), []).append(i)
-    return [g[k : k + size] for g in groups.values() for k in range(0, len(g), size)]
 
 
 def aspect_groups(images: Sequence[torch.Tensor], size: int) -> list[list[int]]:

@@ -1,8 +1,7 @@
 """One model, batched inference on decoded images, predictions in original-image pixels.
 
-``engine`` says how the model is run (``engine.py``): by default batch norms folded, ``channels_last``,
-float32 and, on a CPU, only images whose model inputs are the same size in one forward pass (padding
-one to another's size would change its detections).
+``engine`` says how the model is run (``engine.py``): by default batch norms folded, ``channels_last``
+and, on a CPU, one image per forward pass (a padded batch only adds memory traffic there), float32.
 A task whose model takes a whole batch of equal-size inputs (a classifier) asks for ``whole_batches``.
 """
 
@@ -15,13 +14,7 @@ from typing import Any
 import torch
 
 from vision.data.records import Categories
-from vision.inference.engine import (
-    CPU_IMAGES_PER_PASS,
-    EngineOptions,
-    aspect_groups,
-    optimize_for_inference,
-    same_input_groups,
-)
+from vision.inference.engine import EngineOptions, aspect_groups, optimize_for_inference
 from vision.runtime.device import select_device
 from vision.runtime.precision import amp_precision, precision_context, precision_dtype
 
@@ -55,24 +48,13 @@ class Predictor:
         self.categories = categories
         self.whole_batches = whole_batches
 
-    @property
-    def groups_equal_inputs(self) -> bool:
-        """Whether a pass takes several images only where their model inputs are equal (so callers with
-        many images to do gain by handing over images of one size together)."""
-        return not self.whole_batches and self.engine.groups_equal_inputs(self.device)
-
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """CHW tensors (uint8 pixels, or a task's preprocessed floats) -> the model's predictions on the CPU
         (boxes, scores, labels[, masks] for detectors)."""
         outputs: list[dict[str, torch.Tensor] | None] = [None] * len(images)
-        if self.whole_batches:
-            groups = [list(range(len(images)))]
-        elif self.groups_equal_inputs:
-            groups = same_input_groups(self.model, images, CPU_IMAGES_PER_PASS)
-        else:
-            groups = aspect_groups(images, max(1, self.engine.images_per_pass(self.device)))
-        for group in groups:
+        per_pass = len(images) if self.whole_batches else self.engine.images_per_pass(self.device)
+        for group in aspect_groups(images, max(1, per_pass)):
             batch = [_model_input(images[i].to(self.device, non_blocking=True)) for i in group]
             with precision_context(self.engine.precision, self.device):
                 preds = self.model(batch)

@@ -14,9 +14,6 @@
   both contribute.  Logs are per process, so none overwrites another's; the outputs are merged from all
   logs under a file lock, and image ids are kept from the last merge (new images get the next ids), so
   an image's id never changes once given.
-- Where the predictor runs several images of one input size in a pass (a detector on a CPU), the
-  images are taken in order of their size (read from the file headers, about 1 ms each), so that
-  images of one size arrive together; the outputs are merged by name, so the order does not show.
 - The task's writer (``writers.py``) turns a prediction into a log entry and the merged entries into the
   task's files (COCO results, masks, top-k tables).
 """
@@ -42,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vision.atomic import atomic_write, remove_stale_temp_files
-from vision.data.image_io import read_image, read_image_size
+from vision.data.image_io import read_image
 from vision.data.loader import seed_worker
 from vision.errors import ImageReadError, VisionError
 from vision.runtime import distributed as du
@@ -134,7 +131,7 @@ def iter_predictions(
     predictor: Predicts,
     paths: Sequence[str],
     *,
-    batch_size: int = 4,
+    batch_size: int = 2,
     num_workers: int = 2,
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
     keep_original: bool = False,
@@ -161,18 +158,6 @@ def iter_predictions(
         preds = {i: o for (i, _), o in zip(good, outputs)}
         for i, _, original, size, err in batch:
             yield i, original, size, preds.get(i), err
-
-
-def by_image_size(indices: list[int], paths: Sequence[str]) -> list[int]:
-    """``indices`` into ``paths`` ordered by image size, from the headers (an unreadable file sorts first
-    and is reported when it is decoded)."""
-    def size(i: int) -> tuple[int, int]:
-        try:
-            return read_image_size(paths[i])
-        except (ImageReadError, OSError):
-            return (0, 0)
-
-    return sorted(indices, key=size)
 
 
 # Names, logs, manifest -------------------------------------------------------------------------------
@@ -323,7 +308,7 @@ def run_folder(
     manifest: dict[str, Any] | None = None,
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
-    batch_size: int = 4,
+    batch_size: int = 2,
     num_workers: int = 2,
     preprocess: Callable[[np.ndarray], torch.Tensor] | None = None,
     progress: bool = True,
@@ -355,8 +340,6 @@ def run_folder(
     todo = [i for i in share if names[i] not in done]
     summary = RunSummary(resumed=len(share) - len(todo))
     mine = todo[info.rank :: info.world_size]
-    if getattr(predictor, "groups_equal_inputs", False):
-        mine = by_image_size(mine, paths)
     log_path = out_dir / f"predictions.partial.{_log_tag()}.jsonl"
     with _open_for_append(log_path) as partial, tqdm(
         total=len(mine), desc="predict", unit="img", disable=not progress or not info.is_main, dynamic_ncols=True
