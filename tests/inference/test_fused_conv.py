@@ -41,6 +41,20 @@ def test_a_fused_convolution_computes_conv_add_relu(size: int, stride: int, with
     assert (got >= 0).all() and bool((expected == 0).any())
 
 
+def test_a_build_without_the_fused_kernel_runs_the_separate_operations(monkeypatch) -> None:
+    import vision.inference.fused_conv as fused_conv
+
+    conv = _conv(16, 24, 3)
+    fused = copy.deepcopy(conv)
+    fused.__class__ = FusedConv2d
+    fused.relu = True
+    x = torch.randn(1, 16, 12, 12).contiguous(memory_format=CL)
+    residual = torch.randn(1, 24, 12, 12).contiguous(memory_format=CL)
+    monkeypatch.setattr(fused_conv, "_MKLDNN", False)
+    with torch.inference_mode():
+        assert torch.equal(fused(x, residual), F.relu(conv(x) + residual))
+
+
 def test_the_separate_operations_run_where_the_fused_kernel_does_not_apply() -> None:
     conv = _conv(16, 16, 3)
     fused = copy.deepcopy(conv)

@@ -29,7 +29,8 @@ try:
 except ImportError:  # pragma: no cover - timm is a dependency
     FeatureDictNet = BasicBlock = Bottleneck = DropPath = None  # type: ignore[assignment,misc]
 
-_MKLDNN = torch.backends.mkldnn.is_available()
+# builds without oneDNN, or whose oneDNN lacks the fused kernels, run the separate operations
+_MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 class FusedConv2d(nn.Conv2d):
