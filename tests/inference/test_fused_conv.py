@@ -121,6 +121,21 @@ def test_blocks_with_more_than_relus_between_their_convolutions_are_left_alone()
     fuse_activations(se)
     assert not any(isinstance(m, FusedBasicBlock) for m in se.modules())
 
+    class OwnConv(nn.Conv2d):  # a convolution subclass: its forward takes no residual and may differ
+        pass
+
+    other = timm.create_model("resnet18", pretrained=False).eval()
+    fold_batch_norms(other)
+    block = other.layer1[0]
+    block.conv2.__class__ = OwnConv
+    reference = copy.deepcopy(other)
+    fuse_activations(other)
+    assert type(other.layer1[0]) is not FusedBasicBlock and type(other.layer1[0].act2) is nn.ReLU
+    assert isinstance(other.layer1[1], FusedBasicBlock)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(other(x), reference(x), atol=1e-5, rtol=1e-5)
+
 
 def test_the_engine_fuses_on_a_cpu_only_where_asked() -> None:
     from torchvision.models.detection import retinanet_resnet50_fpn

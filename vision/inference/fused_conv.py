@@ -68,12 +68,18 @@ def _fusable(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) ->
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)))
 
 
+def _convertible(conv: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` (or one already fused) without hooks: a subclass may compute otherwise."""
+    return ((type(conv) is nn.Conv2d or isinstance(conv, FusedConv2d))
+            and not conv._forward_hooks and not conv._forward_pre_hooks)
+
+
 def _fuse(conv: nn.Module, relu: bool) -> FusedConv2d | None:
-    """``conv`` as a ``FusedConv2d`` (its class changed in place), or None if it is no plain convolution."""
+    """``conv`` as a ``FusedConv2d`` (its class changed in place), or None if it is not ``_convertible``."""
+    if not _convertible(conv):
+        return None
     if type(conv) is nn.Conv2d:
         conv.__class__ = FusedConv2d
-    if not isinstance(conv, FusedConv2d) or conv._forward_hooks or conv._forward_pre_hooks:
-        return None
     conv.relu = conv.relu or relu
     return conv
 
@@ -153,7 +159,7 @@ def _fuse_block(block: nn.Module) -> bool:
     convs = [getattr(block, conv) for conv, _, _ in stages]
     between = [getattr(block, name, None) for _, names, _ in stages for name in names]
     if (block.se is not None or not _passes_through(block.drop_path)
-            or not all(isinstance(c, nn.Conv2d) and not c._forward_hooks and not c._forward_pre_hooks for c in convs)
+            or not all(_convertible(c) for c in convs)
             or not all(_passes_through(m) for m in between)
             or not all(_is_relu(getattr(block, act)) for _, _, act in stages)):
         return False
