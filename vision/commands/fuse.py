@@ -12,8 +12,9 @@ atomically, so a failed run leaves an existing output file as it was):
   never reaches the fused boxes or the output), and WBF clusters whose scores are all 0 (their fused
   box is 0/0, as in ensemble-boxes).
 
-The fast path never builds a Python object per detection outside the JSON parser and encoder
-(``vision.ensemble.detections``), and imports neither torch nor pycocotools (only for masks) nor, for
+The fast path builds no Python object per detection: results files are read straight into columns
+(``vision/ensemble/_columns.c``), checked and fused as arrays (``vision.ensemble.detections``), and
+only msgspec's encoder sees rows.  It imports neither torch nor pycocotools (only for masks) nor, for
 files of ordinary size, Numba (``vision.ensemble._wbf._choose_kernel``).
 """
 

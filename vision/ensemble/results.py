@@ -6,7 +6,8 @@ image's size (from a COCO ``images`` list), fused per image with any method of
 ``vision.ensemble.fuse_batch`` and written back in pixels; category ids are kept as they are in the
 inputs.  All images are fused in a few vectorised batches rather than one call per image.
 
-This module reads and writes the JSON (msgspec, atomic writes) and keeps the dict-based API
+This module reads and writes the JSON (a compiled reader for plain results files, msgspec for the
+rest and for writing; atomic writes) and keeps the dict-based API
 (``load_results``, ``fuse_results``); the work itself is done on columns by ``vision.ensemble.detections``.
 """
 
@@ -27,6 +28,11 @@ import numpy as np
 from vision.atomic import atomic_write
 from vision.ensemble.fusion import METHODS
 from vision.errors import DataError, VisionError
+
+try:
+    from vision.ensemble._columns import read_columns
+except ImportError:  # built without a C compiler: msgspec reads every file
+    read_columns = None
 
 ImageSizes = Mapping[int, tuple[int, int]]  # image id -> (width, height)
 
@@ -121,10 +127,20 @@ def read_detections(path: str | os.PathLike):
 
 
 def _typed_columns(raw: mmap.mmap | bytes):
-    """Detections without masks, decoded into ``_Entry`` structs (no dict per entry; types and the box's
-    length checked by msgspec) and gathered into columns; None for anything else."""
+    """Detections without masks as columns; None for anything else.
+
+    The compiled reader (``_columns.c``) writes the numbers straight into the columns; what it leaves
+    (and every file where it was not built) is decoded by msgspec into ``_Entry`` structs (no dict per
+    entry; types and the box's length checked by msgspec) and gathered into columns from them.
+    """
     from vision.ensemble.detections import Detections
 
+    if read_columns is not None:
+        columns = read_columns(raw)
+        if columns is not None:
+            n, image_id, category_id, bbox, score = columns
+            return Detections(np.frombuffer(image_id, np.int64), np.frombuffer(category_id, np.int64),
+                              np.frombuffer(bbox, np.float64).reshape(n, 4), np.frombuffer(score, np.float64))
     with gc_paused():
         try:
             entries = _DECODER.decode(raw)
