@@ -1,7 +1,9 @@
-"""The compiled part of vision: the COCO results reader (``vision/ensemble/_columns.c``).
+"""The compiled parts of vision: the COCO results reader (``vision/ensemble/_columns.c``) and the
+Winograd transforms (``vision/inference/_winograd_native.c``).
 
-Everything else is in ``pyproject.toml``.  The extension is optional: where it cannot be built (no C
-compiler), ``vision fuse`` reads results files with msgspec instead, the same columns more slowly.
+Everything else is in ``pyproject.toml``.  Both extensions are optional: where one cannot be built (no
+C compiler, no OpenMP), ``vision fuse`` reads results files with msgspec and the inference engine
+computes the transforms with tensor operations instead: the same results, more slowly.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +16,13 @@ setup(
             depends=["vision/ensemble/_pow10_table.h"],
             extra_compile_args=["-O2"],
             optional=True,
-        )
+        ),
+        Extension(
+            "vision.inference._winograd_native",
+            sources=["vision/inference/_winograd_native.c"],
+            extra_compile_args=["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        ),
     ]
 )

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision.config import ModelConfig
+from vision.inference import winograd
 from vision.inference.engine import EngineOptions, optimize_for_inference
 from vision.inference.winograd import (
     WinogradConv2d,
     _transforms,
+    native_winograd_f4,
     use_winograd,
     winograd_conv3x3,
     winograd_filters,
@@ -54,6 +56,63 @@ def test_winograd_equals_pytorchs_convolution(n: int, c: int, k: int, h: int, w:
         assert error < 1.5 * direct_error
 
 
+def test_the_native_transforms_are_built() -> None:
+    # optional at install (a machine without a C compiler computes the transforms with tensor operations),
+    # but a build that silently failed here would leave the native path untested
+    assert winograd._winograd_native is not None
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "h", "w", "strip_values"),
+    [
+        (1, 64, 64, 32, 40, None),  # a whole number of tiles, 64 channels (ResNet's first stage)
+        (1, 128, 80, 30, 41, None),  # partial tiles on both sides, channels not a multiple of 64
+        (2, 96, 200, 23, 37, None),  # a batch
+        (1, 256, 256, 61, 45, 36 * 256 * 12 * 4),  # strips of 4 tile rows, the last one shorter
+        (1, 72, 136, 130, 19, 36 * 72 * 5),  # one tile row per strip
+    ],
+)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_transforms_equal_pytorchs_convolution_with_bias_residual_and_relu(
+        monkeypatch, n, c, k, h, w, strip_values, residual, relu, bias) -> None:
+    if strip_values is not None:
+        monkeypatch.setattr(winograd, "_STRIP_VALUES", strip_values)
+    g = torch.Generator().manual_seed(h * w + c)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)
+    b = torch.randn(k, generator=g) if bias else None
+    r = torch.randn(n, k, h, w, generator=g).contiguous(memory_format=torch.channels_last) if residual else None
+    ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    direct = F.conv2d(x, weight, b, padding=1)
+    if residual:
+        ref, direct = ref + r.double(), direct + r
+    if relu:
+        ref, direct = ref.relu(), direct.relu()
+    got = native_winograd_f4(x, winograd_filters(weight, 4), b, relu, r)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert got.stride() == torch.empty_like(ref, memory_format=torch.channels_last).stride()
+    error, direct_error = (got.double() - ref).abs().max().item(), (direct.double() - ref).abs().max().item()
+    assert error < max(20 * direct_error, 1e-5 * ref.abs().max().item())
+    tensor_ops = winograd_conv3x3(x, winograd_filters(weight, 4), b, *_transforms(x.device, x.dtype, 4))
+    if not residual and not relu:  # the same arithmetic in another order
+        assert (got - tensor_ops).abs().max().item() < max(20 * direct_error, 1e-5 * ref.abs().max().item())
+
+
+def test_native_transforms_read_an_nchw_input_and_residual() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, r = torch.randn(1, 64, 20, 22, generator=g), torch.randn(1, 96, 20, 22, generator=g)
+    weight = torch.randn(96, 64, 3, 3, generator=g) / 24
+    got = native_winograd_f4(x, winograd_filters(weight, 4), None, True, r)
+    torch.testing.assert_close(got, (F.conv2d(x, weight, padding=1) + r).relu(), rtol=1e-4, atol=1e-4)
+
+
+def winograd_layers(model: nn.Module, tile: int) -> list[nn.Module]:
+    use_winograd(model, tile=tile)
+    return [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+
+
 def _retinanet() -> nn.Module:
     torch.manual_seed(0)
     cfg = ModelConfig(arch="retinanet", backbone="resnet18", num_classes=3, fpn_channels=128, min_size=[256],
@@ -75,7 +134,10 @@ def test_use_winograd_rewrites_only_the_eligible_convolutions_and_keeps_the_stat
     winograd = [m for m in convs if isinstance(m, WinogradConv2d)]
     assert rewritten == len(winograd) > 8  # the two head towers at least
     for conv in winograd:
-        assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.in_channels >= 128
+        assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.in_channels >= 64
+    # the C transforms pay from 64 input channels (ResNet-18's first stage here), tensor operations from 128
+    assert any(conv.in_channels == 64 for conv in winograd)
+    assert all(conv.in_channels >= 128 for conv in winograd_layers(_retinanet(), tile=2))
     # strided convolutions, 1x1 convolutions and the 36-channel box regressor stay direct
     assert model.head.regression_head.bbox_reg.__class__ is nn.Conv2d
     assert any(m.stride == (2, 2) and type(m) is nn.Conv2d for m in convs)

@@ -19,6 +19,13 @@ Two tile sizes, which differ in rounding:
   magnitude, from 128 to 512 channels); it takes 1.4 times less time than oneDNN at 256 channels
   and 1.1 times less at 128.
 
+For F(4x4, 3x3) the two transforms run in C where the extension was built (``_winograd_native.c``,
+``native_winograd_f4``): one pass over memory each, with the bias, a ResNet block's residual and the
+ReLU applied as the output is written.  As tensor operations (``winograd_conv3x3``, also F(2x2)) they are
+several passes each and cost as much as the product itself; in C a 256-channel convolution at RetinaNet's
+P3 takes about two thirds of the time, and convolutions from 64 input channels (ResNet's first stage)
+gain over the direct kernel too.
+
 It is exact arithmetic reordered, so the result equals the convolution up to float32 rounding.
 PyTorch's convolution stays the reference the tests compare with.  Only float32 on a CPU takes this
 path: cuDNN chooses Winograd kernels itself, and reduced precision would lose too much in the
@@ -38,6 +45,11 @@ from torch import nn
 
 from vision.inference.fused_conv import FusedConv2d
 
+try:  # the F(4x4, 3x3) transforms in C (built at install where a C compiler with OpenMP was found)
+    from vision.inference import _winograd_native
+except ImportError:
+    _winograd_native = None
+
 # Y = A^T [(G g G^T) * (B^T d B)] A for an (m + 2) x (m + 2) tile d and a 3x3 filter g (Lavin & Gray, 2016),
 # by output tile side m: (B^T, G, A^T).
 _MATRICES = {
@@ -52,7 +64,10 @@ _MATRICES = {
 }
 TILES = tuple(_MATRICES)  # output tile sides: 4 (fewest products) and 2 (rounding below the direct kernel's)
 _MIN_PIXELS = 16 * 16  # below this the transforms' fixed cost outweighs the saving: the direct kernel runs
-_MIN_IN_CHANNELS = 128  # narrower convolutions are memory-bound: fewer multiplications do not help them
+# Narrower convolutions are memory-bound: fewer multiplications do not repay transforms made of tensor
+# operations, while the one-pass native transforms still beat the direct kernel at 64 channels.
+_MIN_IN_CHANNELS = 128
+_MIN_IN_CHANNELS_NATIVE = 64
 _MIN_OUT_CHANNELS = 64  # (RetinaNet's 36-channel box regressor runs faster directly)
 _STRIP_VALUES = 36 * 96 * 256  # transformed values per strip: about 3.5 MB
 
@@ -119,6 +134,45 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
     return out.permute(0, 3, 1, 2)
 
 
+def native_winograd_f4(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool = False,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``winograd_conv3x3`` for F(4x4, 3x3) filters with the transforms in C (``_winograd_native.c``):
+    each is one pass over memory, reading tiles straight from the map (no padded copy) and writing the
+    output with its bias, ``residual`` (added before the ReLU, as a ResNet block does) and ReLU, edge
+    tiles clipped.  Strips of tile rows as in ``winograd_conv3x3``; their buffers are reused."""
+    n, c, h, w = x.shape
+    k = filters.shape[2]
+    tiles_h, tiles_w = -(-h // 4), -(-w // 4)
+    nhwc = x.permute(0, 2, 3, 1)
+    if nhwc.stride(-1) != 1:
+        nhwc = nhwc.contiguous()
+    out = torch.empty(n, h, w, k, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        residual = residual.permute(0, 2, 3, 1)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        residual_ptr, residual_strides = residual.data_ptr(), residual.stride()[:3]
+    else:
+        residual_ptr, residual_strides = 0, (0, 0, 0)
+    rows = min(tiles_h, max(1, _STRIP_VALUES // (36 * c * tiles_w * n)))
+    most = 36 * n * rows * tiles_w
+    transformed_buffer, products_buffer = x.new_empty(most * c), x.new_empty(most * k)
+    filters = filters.contiguous()
+    bias = bias.contiguous() if bias is not None else None  # held: the C code reads it through a pointer
+    bias_ptr = bias.data_ptr() if bias is not None else 0
+    for r0 in range(0, tiles_h, rows):
+        r1 = min(tiles_h, r0 + rows)
+        count = n * (r1 - r0) * tiles_w
+        transformed = transformed_buffer[: 36 * count * c].view(36, count, c)
+        products = products_buffer[: 36 * count * k].view(36, count, k)
+        _winograd_native.input_transform(nhwc.data_ptr(), (n, h, w, c), nhwc.stride()[:3], r0, r1, tiles_w,
+                                         transformed.data_ptr())
+        torch.bmm(transformed, filters, out=products)
+        _winograd_native.output_transform(products.data_ptr(), (n, h, w, k), r0, r1, tiles_w, bias_ptr,
+                                          residual_ptr, residual_strides, relu, out.data_ptr(), out.stride()[:3])
+    return out.permute(0, 3, 1, 2)  # channels_last, as oneDNN's convolution returns it
+
+
 def _zero_padded(nhwc: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``nhwc`` one pixel in from the top left of a zero ``[N, height, width, C]`` map.  Only the border is
     zeroed: ``F.pad`` zeroes the whole map before copying the inside over it, one more pass over memory."""
@@ -164,12 +218,21 @@ class WinogradConv2d(FusedConv2d):
             y = torch.ops.vision.winograd_conv3x3(x, self.winograd_weight, self.bias, relu)
         elif x.shape[-2] * x.shape[-1] < _MIN_PIXELS:
             return super().forward(x, residual)
+        elif _native_tile(self.winograd_weight):
+            return native_winograd_f4(x, self.winograd_weight, self.bias, self.relu, residual)
         else:
             y = _winograd_op(x, self.winograd_weight, self.bias, relu)
         return y if residual is None else self.finish(y, residual)
 
 
+def _native_tile(filters: torch.Tensor) -> bool:
+    """Whether the C transforms compute with these filters: F(4x4, 3x3), where the extension was built."""
+    return _winograd_native is not None and filters.shape[0] == 36
+
+
 def _winograd_op(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    if _native_tile(filters):
+        return native_winograd_f4(x, filters, bias, relu)
     return winograd_conv3x3(x, filters, bias, *_transforms(x.device, x.dtype, _tile_of(filters)), relu=relu)
 
 
@@ -184,10 +247,12 @@ def _(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: b
     return x.new_empty((n, filters.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
 
 
-def _eligible(module: nn.Module) -> bool:
+def _eligible(module: nn.Module, tile: int) -> bool:
+    native = tile == 4 and _winograd_native is not None
     return (type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
             and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
-            and module.padding_mode == "zeros" and module.in_channels >= _MIN_IN_CHANNELS
+            and module.padding_mode == "zeros"
+            and module.in_channels >= (_MIN_IN_CHANNELS_NATIVE if native else _MIN_IN_CHANNELS)
             and module.out_channels >= _MIN_OUT_CHANNELS
             and module.weight.dtype == torch.float32)
 
@@ -199,7 +264,7 @@ def use_winograd(model: nn.Module, tile: int = 4) -> int:
         raise ValueError(f"Winograd tiles are {' or '.join(map(str, TILES))} pixels wide, not {tile}")
     rewritten = 0
     for module in model.modules():
-        if _eligible(module):
+        if _eligible(module, tile):
             module.__class__ = WinogradConv2d
             module.attach_filters(tile)
             rewritten += 1

@@ -1,0 +1,192 @@
+/* Winograd F(4x4, 3x3) transforms in one pass each: vision.inference._winograd_native.
+
+``vision/inference/winograd.py`` computes a 3x3 convolution as input transform, batched product,
+output transform.  In tensor operations each transform is several passes over memory: the tiles are
+copied out of the padded map, multiplied by a 36 x 36 matrix, and the result is multiplied back,
+copied into the output's layout, and the bias and ReLU added in two more passes.  The products are
+near the machine's peak; these passes are not.  Here each transform is one pass: every 6 x 6 input
+tile is read (zeros outside the map, so no padded copy either) and its 36 transformed values written
+where the batched product reads them; every 36 products become the 4 x 4 output tile with its bias,
+residual and ReLU, written into the NHWC output, edge tiles clipped.
+
+Both functions take raw pointers (tensors' ``data_ptr()``) with element strides, release the GIL, and
+split the tiles over the machine's cores with OpenMP (torch's own OpenMP runtime once torch is loaded,
+so the two share one thread pool).  The Python side owns the memory and checks shapes and strides. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <string.h>
+
+#define CHUNK 64 /* channels per step: a tile's 36 values of 64 channels stay in L1 */
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* One input tile: v[p * plane + c] for p = 6 i + j, c < cb, from the 6 x 6 pixels at (y0, x0). */
+VECTOR_CLONES
+static void input_tile(const float *restrict x, ptrdiff_t sy, ptrdiff_t sx, int y0, int x0, int h, int w, int cb,
+                       float *restrict v, ptrdiff_t plane) {
+    float d[6][6][CHUNK];
+    float m[6][6][CHUNK];
+    for (int j = 0; j < 6; j++) {
+        int y = y0 + j;
+        for (int k = 0; k < 6; k++) {
+            int xx = x0 + k;
+            if (y >= 0 && y < h && xx >= 0 && xx < w)
+                memcpy(d[j][k], x + y * sy + xx * sx, (size_t)cb * sizeof(float));
+            else
+                memset(d[j][k], 0, (size_t)cb * sizeof(float));
+        }
+    }
+    /* B^T d: rows */
+    for (int k = 0; k < 6; k++) {
+        for (int c = 0; c < cb; c++) {
+            float d0 = d[0][k][c], d1 = d[1][k][c], d2 = d[2][k][c], d3 = d[3][k][c], d4 = d[4][k][c],
+                  d5 = d[5][k][c];
+            m[0][k][c] = 4 * d0 - 5 * d2 + d4;
+            m[1][k][c] = -4 * d1 - 4 * d2 + d3 + d4;
+            m[2][k][c] = 4 * d1 - 4 * d2 - d3 + d4;
+            m[3][k][c] = -2 * d1 - d2 + 2 * d3 + d4;
+            m[4][k][c] = 2 * d1 - d2 - 2 * d3 + d4;
+            m[5][k][c] = 4 * d1 - 5 * d3 + d5;
+        }
+    }
+    /* (B^T d) B: columns */
+    for (int i = 0; i < 6; i++) {
+        float *restrict o = v + (ptrdiff_t)(6 * i) * plane;
+        for (int c = 0; c < cb; c++) {
+            float e0 = m[i][0][c], e1 = m[i][1][c], e2 = m[i][2][c], e3 = m[i][3][c], e4 = m[i][4][c],
+                  e5 = m[i][5][c];
+            o[c] = 4 * e0 - 5 * e2 + e4;
+            o[plane + c] = -4 * e1 - 4 * e2 + e3 + e4;
+            o[2 * plane + c] = 4 * e1 - 4 * e2 - e3 + e4;
+            o[3 * plane + c] = -2 * e1 - e2 + 2 * e3 + e4;
+            o[4 * plane + c] = 2 * e1 - e2 - 2 * e3 + e4;
+            o[5 * plane + c] = 4 * e1 - 5 * e3 + e5;
+        }
+    }
+}
+
+/* One output tile from m[p * plane + k], p = 6 i + j: A^T M A (+ bias, + residual, ReLU) into the
+   rows x cols pixels of the tile that lie in the map. */
+VECTOR_CLONES
+static void output_tile(const float *restrict mp, ptrdiff_t plane, int kb, const float *restrict bias,
+                        const float *restrict res, ptrdiff_t rsy, ptrdiff_t rsx, int relu, float *restrict out,
+                        ptrdiff_t osy, ptrdiff_t osx, int rows, int cols) {
+    float s[4][6][CHUNK];
+    float y[4][4][CHUNK];
+    /* A^T M: rows */
+    for (int j = 0; j < 6; j++) {
+        for (int c = 0; c < kb; c++) {
+            float m0 = mp[(0 + j) * plane + c], m1 = mp[(6 + j) * plane + c], m2 = mp[(12 + j) * plane + c],
+                  m3 = mp[(18 + j) * plane + c], m4 = mp[(24 + j) * plane + c], m5 = mp[(30 + j) * plane + c];
+            s[0][j][c] = m0 + m1 + m2 + m3 + m4;
+            s[1][j][c] = m1 - m2 + 2 * m3 - 2 * m4;
+            s[2][j][c] = m1 + m2 + 4 * m3 + 4 * m4;
+            s[3][j][c] = m1 - m2 + 8 * m3 - 8 * m4 + m5;
+        }
+    }
+    /* (A^T M) A: columns, then the bias */
+    for (int a = 0; a < 4; a++) {
+        for (int c = 0; c < kb; c++) {
+            float e0 = s[a][0][c], e1 = s[a][1][c], e2 = s[a][2][c], e3 = s[a][3][c], e4 = s[a][4][c],
+                  e5 = s[a][5][c];
+            float b = bias ? bias[c] : 0.0f;
+            y[a][0][c] = e0 + e1 + e2 + e3 + e4 + b;
+            y[a][1][c] = e1 - e2 + 2 * e3 - 2 * e4 + b;
+            y[a][2][c] = e1 + e2 + 4 * e3 + 4 * e4 + b;
+            y[a][3][c] = e1 - e2 + 8 * e3 - 8 * e4 + e5 + b;
+        }
+    }
+    for (int a = 0; a < rows; a++) {
+        for (int q = 0; q < cols; q++) {
+            float *restrict o = out + a * osy + q * osx;
+            const float *restrict r = res ? res + a * rsy + q * rsx : NULL;
+            if (r && relu) {
+                for (int c = 0; c < kb; c++) {
+                    float t = y[a][q][c] + r[c];
+                    o[c] = t > 0 ? t : 0;
+                }
+            } else if (r) {
+                for (int c = 0; c < kb; c++) o[c] = y[a][q][c] + r[c];
+            } else if (relu) {
+                for (int c = 0; c < kb; c++) o[c] = y[a][q][c] > 0 ? y[a][q][c] : 0;
+            } else {
+                memcpy(o, y[a][q], (size_t)kb * sizeof(float));
+            }
+        }
+    }
+}
+
+/* input_transform(x, (n, h, w, c), (sn, sh, sw), row0, row1, tiles_w, v)
+   x: NHWC float32 map (channel stride 1); tiles of rows [row0, row1) of tiles_w tiles each, for all n
+   images, into v = [36, n * (row1 - row0) * tiles_w, c] (contiguous). */
+static PyObject *input_transform(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t xp, vp, n, h, w, c, sn, sh, sw, row0, row1, tiles_w;
+    if (!PyArg_ParseTuple(args, "n(nnnn)(nnn)nnnn", &xp, &n, &h, &w, &c, &sn, &sh, &sw, &row0, &row1, &tiles_w,
+                          &vp))
+        return NULL;
+    const float *x = (const float *)xp;
+    float *v = (float *)vp;
+    ptrdiff_t rows = row1 - row0, tiles = n * rows * tiles_w, plane = tiles * c;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (ptrdiff_t t = 0; t < tiles; t++) {
+        ptrdiff_t img = t / (rows * tiles_w), rem = t % (rows * tiles_w);
+        int y0 = (int)(4 * (row0 + rem / tiles_w)) - 1, x0 = (int)(4 * (rem % tiles_w)) - 1;
+        for (ptrdiff_t c0 = 0; c0 < c; c0 += CHUNK) {
+            int cb = (int)(c - c0 < CHUNK ? c - c0 : CHUNK);
+            input_tile(x + img * sn + c0, sh, sw, y0, x0, (int)h, (int)w, cb, v + t * c + c0, plane);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* output_transform(m, (n, h, w, k), row0, row1, tiles_w, bias, residual, (rsn, rsh, rsw), relu, out, (osn, osh, osw))
+   m = [36, n * (row1 - row0) * tiles_w, k] (contiguous) -> the output rows of those tiles, in the NHWC
+   map out (channel stride 1); bias (k values) and residual (NHWC like out) are 0 for none. */
+static PyObject *output_transform(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t mp, n, h, w, k, row0, row1, tiles_w, bp, rp, rsn, rsh, rsw, op, osn, osh, osw;
+    int relu;
+    if (!PyArg_ParseTuple(args, "n(nnnn)nnnnn(nnn)pn(nnn)", &mp, &n, &h, &w, &k, &row0, &row1, &tiles_w, &bp, &rp,
+                          &rsn, &rsh, &rsw, &relu, &op, &osn, &osh, &osw))
+        return NULL;
+    const float *m = (const float *)mp, *bias = (const float *)bp, *res = (const float *)rp;
+    float *out = (float *)op;
+    ptrdiff_t rows = row1 - row0, tiles = n * rows * tiles_w, plane = tiles * k;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (ptrdiff_t t = 0; t < tiles; t++) {
+        ptrdiff_t img = t / (rows * tiles_w), rem = t % (rows * tiles_w);
+        ptrdiff_t y0 = 4 * (row0 + rem / tiles_w), x0 = 4 * (rem % tiles_w);
+        int tile_rows = (int)(h - y0 < 4 ? h - y0 : 4), tile_cols = (int)(w - x0 < 4 ? w - x0 : 4);
+        for (ptrdiff_t k0 = 0; k0 < k; k0 += CHUNK) {
+            int kb = (int)(k - k0 < CHUNK ? k - k0 : CHUNK);
+            output_tile(m + t * k + k0, plane, kb, bias ? bias + k0 : NULL,
+                        res ? res + img * rsn + y0 * rsh + x0 * rsw + k0 : NULL, rsh, rsw, relu,
+                        out + img * osn + y0 * osh + x0 * osw + k0, osh, osw, tile_rows, tile_cols);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"input_transform", input_transform, METH_VARARGS, "Winograd F(4x4, 3x3) input transform of a strip of tiles."},
+    {"output_transform", output_transform, METH_VARARGS,
+     "Winograd F(4x4, 3x3) output transform of a strip of tiles, with bias, residual and ReLU."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_winograd_native",
+                                        "Winograd F(4x4, 3x3) transforms in one pass each.", -1, methods,
+                                        NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__winograd_native(void) { return PyModule_Create(&module_def); }
