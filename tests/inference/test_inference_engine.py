@@ -128,29 +128,41 @@ def test_engine_predictions_match_the_plain_model(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
-def test_compiled_engine_matches_the_plain_model(arch: str) -> None:
-    """``--compile``: backbone and dense heads through inductor (weights frozen on a CPU), Winograd
-    convolutions as one operator; compiled once for shapes of any size, so that a second and third image
-    size run without a recompile; the same detections within 1e-3."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
+def test_compiled_engine_matches_the_plain_model(arch: str, tmp_path, monkeypatch) -> None:
+    """``--compile``: backbone and dense heads compiled ahead of time (weights frozen on a CPU), Winograd
+    convolutions as one operator; one package per part serves every image size, and a later predictor
+    (a later process) loads the packages from the cache folder without compiling; the same detections
+    within 1e-3."""
+    from vision.inference import aot
     from vision.inference.winograd import WinogradConv2d
 
+    monkeypatch.setenv("VISION_COMPILE_CACHE", str(tmp_path / "compiled"))
+    compiles = []
+    compile_part = aot.CompiledPart._compile
+    monkeypatch.setattr(aot.CompiledPart, "_compile",
+                        lambda self, *a: (compiles.append(type(self.part).__name__), compile_part(self, *a)))
     model = _detector(arch, frozen_bn=True)
     cats = Categories.from_names(["a", "b", "c"])
     images = _images(((150, 200), (200, 150), (170, 230)))
     plain = Predictor(model, cats, device="cpu", engine=EngineOptions.plain()).predict(images)
-    fast_predictor = Predictor(model, cats, device="cpu", engine=EngineOptions(compile=True))
-    heads = [fast_predictor.model.backbone, fast_predictor.model.head if arch == "retinanet" else
-             fast_predictor.model.rpn.head]
-    assert all(isinstance(m, OptimizedModule) for m in heads)
-    assert any(isinstance(m, WinogradConv2d) for m in fast_predictor.model.modules())
-    fast = fast_predictor.predict(images[:1])
-    with torch._dynamo.config.patch(error_on_recompile=True):  # the other sizes reuse the first graphs
-        fast += fast_predictor.predict(images[1:])
+
+    def compiled_predictor() -> Predictor:
+        predictor = Predictor(model, cats, device="cpu", engine=EngineOptions(compile=True))
+        parts = [predictor.model.backbone, predictor.model.head if arch == "retinanet" else predictor.model.rpn.head]
+        assert all(isinstance(m, aot.CompiledPart) for m in parts)
+        assert any(isinstance(m, WinogradConv2d) for m in predictor.model.modules())
+        return predictor
+
+    fast = compiled_predictor().predict(images)
+    assert len(compiles) == 2 and len(list((tmp_path / "compiled").glob("*.pt2"))) == 2  # both parts, once
     for exp, got in zip(plain, fast):
         assert len(exp["boxes"]) >= 5, "the comparison needs real detections"
         _assert_same_detections(got, exp, top=20)
+    again = compiled_predictor().predict(images)
+    assert len(compiles) == 2  # loaded, not compiled again
+    for exp, got in zip(fast, again):
+        torch.testing.assert_close(got["boxes"], exp["boxes"])
+        torch.testing.assert_close(got["scores"], exp["scores"])
 
 
 def _assert_same_detections(got: dict, exp: dict, top: int) -> None:

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action="store_true", help="float16 (CUDA) / bfloat16 (CPU) inference")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                         help="compute precision (default fp32; bf16 needs a CPU with native bfloat16 or a GPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and dense heads (one compile for every image size, cached on disk)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the backbone and dense heads ahead of time (once for every image size;"
+                             " the packages are kept in $VISION_COMPILE_CACHE or ~/.cache/vision/compiled)")
     parser.add_argument("--micro-batch", type=int, default=0,
                         help="images per forward pass (default: 1 on CPU, 8 on CUDA)")
     parser.add_argument("--plain", action="store_true",

@@ -7,8 +7,9 @@ What it changes, and why each step is safe:
 - Weights and activations are ``channels_last``: oneDNN's convolutions work in NHWC, so an NCHW
   model pays a layout reorder around every convolution; with NHWC throughout none is needed.
 - On a CPU in float32, wide 3x3 convolutions (backbone, FPN, head towers, RPN) compute by Winograd's
-  F(4x4, 3x3) (``winograd.py``): oneDNN's direct kernel already runs near the machine's peak, so only
-  less arithmetic makes them faster, and F(4x4, 3x3) needs a quarter of the multiplications.  Its
+  F(4x4, 3x3) (``winograd.py``, its transforms in C where the extension was built): oneDNN's direct
+  kernel already runs near the machine's peak, so only less arithmetic makes them faster, and
+  F(4x4, 3x3) needs a quarter of the multiplications.  Its
   rounding (about 1e-5 of a value, against 1e-6 directly) moves RetinaNet's and Faster R-CNN's scores
   by about 1e-6 and boxes by about 1e-4 px on 800 px photos.  ``winograd_tile=2`` takes F(2x2, 3x3)
   instead: four ninths of the multiplications, rounding below the direct kernel's.
@@ -26,9 +27,9 @@ What it changes, and why each step is safe:
   activation buffer to the kernel and faults it back in, zero-filled, on the next forward pass, a
   quarter of a million page faults per 800 px image.
 - Optional reduced precision (bfloat16 on CPUs with native support, float16 or bfloat16 on CUDA) and
-  optional ``torch.compile`` (``compile_model``: the backbone and the dense heads, with inductor's
-  weight freezing on a CPU, one compile for every image size).  These trade exactness or start-up
-  time for speed and are off by default; the float32 path, compiled or not, stays within 1e-3 of the
+  optional compilation (``compile_model``: the backbone and the dense heads, ahead of time by
+  AOTInductor with weight freezing on a CPU, one package for every image size, kept on disk).  These
+  trade exactness or start-up time for speed and are off by default; the float32 path, compiled or not, stays within 1e-3 of the
   unoptimised model.
 
 ``torch.inference_mode`` and pinned, non-blocking host-to-device copies are applied by the predictor.
@@ -120,20 +121,22 @@ COMPILED_PARTS = ("backbone", "head", "rpn.head")
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """``torch.compile`` the tensor-shaped parts of a detector (the model itself when it has none).
+    """Compile the tensor-shaped parts of a detector ahead of time (``aot.CompiledPart``; the model itself
+    when it has none): exported once for every image size, compiled by AOTInductor, and kept on disk, so
+    that a later process loads the packages instead of tracing again.
 
     On a CPU, inductor's freezing is switched on (process-wide): the weights become constants, so
     oneDNN's convolutions get their weights pre-packed once instead of reordered every call, and
-    convolutions fuse with the additions and activations after them.  Image sizes vary, so the graphs
-    are compiled for symbolic sizes from the first call: one compile serves every size.  Winograd
-    convolutions enter the graph as one operator each (``vision::winograd_conv3x3``).  Inductor keeps
-    what it compiled in its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default in the temporary
-    folder), so a later process skips code generation and only traces again.
+    convolutions fuse with the additions and activations after them.  Winograd convolutions enter the
+    programs as one operator each (``vision::winograd_conv3x3``).
     """
+    from vision.inference.aot import CompiledPart
+
     if _device(model).type == "cpu":
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
+    multiple = int(getattr(getattr(model, "transform", None), "size_divisible", 1) or 1)
     compiled = 0
     for path in COMPILED_PARTS:
         parent_path, _, name = path.rpartition(".")
@@ -143,7 +146,7 @@ def compile_model(model: nn.Module) -> nn.Module:
             continue
         part = getattr(parent, name, None)
         if isinstance(part, nn.Module):
-            setattr(parent, name, torch.compile(part, dynamic=True))
+            setattr(parent, name, CompiledPart(part, image_multiple=multiple if name == "backbone" else 1))
             compiled += 1
     return model if compiled else torch.compile(model, dynamic=True)
 
