@@ -45,7 +45,7 @@ def test_one_package_serves_every_size_and_other_inputs_run_the_part_itself(cach
     part = _Maps().eval()
     compiled = aot.CompiledPart(part, image_multiple=32)
     with torch.inference_mode():
-        for h, w in ((64, 96), (32, 128), (160, 64), (40, 64), (64, 8200)):  # the last two: not served
+        for h, w in ((40, 64), (64, 96), (32, 128), (160, 64), (64, 8200)):  # the first and last: not served
             x = torch.randn(1, 3, h, w)
             got, want = compiled(x), part(x)
             assert got.keys() == want.keys()

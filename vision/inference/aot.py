@@ -67,7 +67,8 @@ class CompiledPart(nn.Module):
         if self._fallback is not None:
             return self._fallback(*args)
         flat, spec = pytree.tree_flatten(args)
-        if not flat or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in flat):
+        if (not flat or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in flat)
+                or not _within(flat, self._multiple(flat))):
             return self.part(*args)
         device = flat[0].device.type
         autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))  # traced into the program
@@ -78,17 +79,13 @@ class CompiledPart(nn.Module):
             if self._fallback is not None:
                 return self._fallback(*args)
         runner = self._runners[layout]
-        if runner is None or not _within(flat, self._multiple(flat)):
-            return self.part(*args)
-        return runner(*args)
+        return self.part(*args) if runner is None else runner(*args)
 
     def _multiple(self, flat: list[torch.Tensor]) -> int:
         return self.image_multiple if len(flat) == 1 else 1
 
     def _prepare(self, args: tuple, flat: list[torch.Tensor], layout: Any):
         multiple = self._multiple(flat)
-        if not _within(flat, multiple):
-            return None  # exported with these sizes, the program would not serve the usual ones
         path = cache_folder() / f"{self._key(layout, multiple)}.pt2"
         if not path.is_file():
             try:
