@@ -122,6 +122,16 @@ static void output_tile(const float *restrict mp, ptrdiff_t plane, int kb, const
     }
 }
 
+/* Tile t of a strip of `rows` tile rows from tile row row0, tiles_w tiles each, image after image: its
+   image and the top-left output pixel it covers (the input tile starts one pixel up and left of it). */
+static inline void tile_origin(ptrdiff_t t, ptrdiff_t rows, ptrdiff_t tiles_w, ptrdiff_t row0, ptrdiff_t *img,
+                               ptrdiff_t *y0, ptrdiff_t *x0) {
+    ptrdiff_t per_image = rows * tiles_w, rem = t % per_image;
+    *img = t / per_image;
+    *y0 = 4 * (row0 + rem / tiles_w);
+    *x0 = 4 * (rem % tiles_w);
+}
+
 /* input_transform(x, (n, h, w, c), (sn, sh, sw), row0, row1, tiles_w, v)
    x: NHWC float32 map (channel stride 1); tiles of rows [row0, row1) of tiles_w tiles each, for all n
    images, into v = [36, n * (row1 - row0) * tiles_w, c] (contiguous). */
@@ -137,11 +147,12 @@ static PyObject *input_transform(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(static)
     for (ptrdiff_t t = 0; t < tiles; t++) {
-        ptrdiff_t img = t / (rows * tiles_w), rem = t % (rows * tiles_w);
-        int y0 = (int)(4 * (row0 + rem / tiles_w)) - 1, x0 = (int)(4 * (rem % tiles_w)) - 1;
+        ptrdiff_t img, y0, x0;
+        tile_origin(t, rows, tiles_w, row0, &img, &y0, &x0);
         for (ptrdiff_t c0 = 0; c0 < c; c0 += CHUNK) {
             int cb = (int)(c - c0 < CHUNK ? c - c0 : CHUNK);
-            input_tile(x + img * sn + c0, sh, sw, y0, x0, (int)h, (int)w, cb, v + t * c + c0, plane);
+            input_tile(x + img * sn + c0, sh, sw, (int)y0 - 1, (int)x0 - 1, (int)h, (int)w, cb, v + t * c + c0,
+                       plane);
         }
     }
     Py_END_ALLOW_THREADS
@@ -164,8 +175,8 @@ static PyObject *output_transform(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(static)
     for (ptrdiff_t t = 0; t < tiles; t++) {
-        ptrdiff_t img = t / (rows * tiles_w), rem = t % (rows * tiles_w);
-        ptrdiff_t y0 = 4 * (row0 + rem / tiles_w), x0 = 4 * (rem % tiles_w);
+        ptrdiff_t img, y0, x0;
+        tile_origin(t, rows, tiles_w, row0, &img, &y0, &x0);
         int tile_rows = (int)(h - y0 < 4 ? h - y0 : 4), tile_cols = (int)(w - x0 < 4 ? w - x0 : 4);
         for (ptrdiff_t k0 = 0; k0 < k; k0 += CHUNK) {
             int kb = (int)(k - k0 < CHUNK ? k - k0 : CHUNK);
