@@ -62,7 +62,7 @@ def test_one_package_serves_every_size_and_other_inputs_run_the_part_itself(cach
             other.conv.bias.add_(1)
         aot.CompiledPart(other, image_multiple=32)(torch.randn(1, 3, 64, 64))
         assert len(calls) == 2 and len(list(cache.glob("*.pt2"))) == 2
-        assert not list(cache.glob(".*"))  # no partial packages left behind
+        assert not list(cache.glob(".*.pt2"))  # no partial packages left behind
 
 
 class _DataDependent(nn.Module):

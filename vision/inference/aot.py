@@ -22,11 +22,14 @@ takes about 250 MB.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +92,9 @@ class CompiledPart(nn.Module):
         path = cache_folder() / f"{self._key(layout, multiple)}.pt2"
         if not path.is_file():
             try:
-                self._compile(args, flat, multiple, path)
+                with _compile_lock(path):  # processes compiling the same part (torchrun ranks) wait for one
+                    if not path.is_file():
+                        self._compile(args, flat, multiple, path)
             except Exception as e:  # any failure to export or compile: torch.compile instead
                 log.warning("could not compile %s ahead of time (%s: %s); using torch.compile",
                             type(self.part).__name__, type(e).__name__, str(e).splitlines()[0][:200])
@@ -120,7 +125,6 @@ class CompiledPart(nn.Module):
         log.warning("compiling %s ahead of time (once for every image size; kept in %s)",
                     type(self.part).__name__, path.parent)
         program = torch.export.export(self.part, args, dynamic_shapes=dynamic_shapes, strict=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.pt2")
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
@@ -145,6 +149,18 @@ class CompiledPart(nn.Module):
             key.update(part.encode() + b"\0")
         key.update(self._weights_digest)
         return key.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _compile_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path``'s lock file, held while its package is made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _min_side(multiple: int) -> int:
