@@ -355,7 +355,7 @@ def training_config(data: str, steps: int, out: Path):
     """The BCCD recipe for ``steps`` steps, hflip only, evaluated on one test image."""
     from vision.config import load_config
 
-    test_ids = out / "one_test_image.txt"
+    test_ids = (out / "one_test_image.txt").resolve()  # relative ids paths are read under data.root
     out.mkdir(parents=True, exist_ok=True)
     test_ids.write_text((Path(data) / "ImageSets" / "Main" / "test.txt").read_text().split()[0] + "\n")
     return load_config(ROOT / "configs" / "bccd_faster_rcnn.yaml", [
