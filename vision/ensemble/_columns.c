@@ -79,8 +79,9 @@ static int eisel_lemire(uint64_t man, int64_t exp10, int negative, double *out) 
     return 1;
 }
 
-/* A JSON number at c->p.  Returns 1 and sets *value (and *integer, *int_value where the number is an
-   integer literal that fits in int64); 0 for a malformed number; -1 with a Python error set. */
+/* A JSON number at c->p.  Returns 1, setting *integer (whether the number is an integer literal that
+   fits in int64) and *int_value, and *value (the double); 0 for a malformed number; -1 with a Python
+   error set.  Any of the three may be NULL: what is not asked for is not computed. */
 static int parse_number(Cursor *c, double *value, int *integer, int64_t *int_value) {
     const unsigned char *start = c->p, *p = c->p, *end = c->end;
     int negative = 0;
@@ -143,21 +144,24 @@ static int parse_number(Cursor *c, double *value, int *integer, int64_t *int_val
         exp10 += exp_negative ? -e : e;
     }
     c->p = p;
-    *integer = 0;
-    if (is_int && dropped == 0) {
-        if (!negative && man <= (uint64_t)INT64_MAX) {
-            *integer = 1;
-            *int_value = (int64_t)man;
-        } else if (negative && man <= (uint64_t)INT64_MAX + 1) {
-            *integer = 1;
-            *int_value = man == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)man;
+    if (integer != NULL) {
+        *integer = 0;
+        if (is_int && dropped == 0) {
+            if (!negative && man <= (uint64_t)INT64_MAX) {
+                *integer = 1;
+                *int_value = (int64_t)man;
+            } else if (negative && man <= (uint64_t)INT64_MAX + 1) {
+                *integer = 1;
+                *int_value = man == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)man;
+            }
         }
     }
+    if (value == NULL) return 1;
     if (man == 0) { /* "-0" is the integer 0, as JSON readers (and msgspec) take it; "-0.0" is -0.0 */
         *value = negative && !is_int ? -0.0 : 0.0;
         return 1;
     }
-    if (dropped == 0 && eisel_lemire(man, exp10 + 0, negative, value)) return 1;
+    if (dropped == 0 && eisel_lemire(man, exp10, negative, value)) return 1;
     /* More than 19 significant digits, or a case the fast algorithm leaves open: Python's parser. */
     Py_ssize_t len = p - start;
     char small[64];
@@ -232,12 +236,7 @@ static int skip_value(Cursor *c, int depth) {
     if (ch == 't') return skip_literal(c, "true");
     if (ch == 'f') return skip_literal(c, "false");
     if (ch == 'n') return skip_literal(c, "null");
-    if (ch == '-' || is_digit(ch)) {
-        double v;
-        int integer;
-        int64_t iv;
-        return parse_number(c, &v, &integer, &iv);
-    }
+    if (ch == '-' || is_digit(ch)) return parse_number(c, NULL, NULL, NULL);
     if (ch != '[' && ch != '{') return 0;
     unsigned char close = ch == '[' ? ']' : '}';
     c->p++;
@@ -288,16 +287,13 @@ static int key_of(const unsigned char *text, Py_ssize_t len) {
 /* A float where JSON has a number (integers included); 0 for anything else. */
 static int parse_float(Cursor *c, double *out) {
     if (c->p >= c->end || !(*c->p == '-' || is_digit(*c->p))) return 0;
-    int integer;
-    int64_t iv;
-    return parse_number(c, out, &integer, &iv);
+    return parse_number(c, out, NULL, NULL);
 }
 
 static int parse_int(Cursor *c, int64_t *out) {
     if (c->p >= c->end || !(*c->p == '-' || is_digit(*c->p))) return 0;
-    double v;
     int integer;
-    int r = parse_number(c, &v, &integer, out);
+    int r = parse_number(c, NULL, &integer, out);
     return r <= 0 ? r : integer;
 }
 
