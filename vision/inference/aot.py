@@ -22,20 +22,19 @@ takes about 250 MB.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+
+from vision.atomic import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,8 @@ class CompiledPart(nn.Module):
         path = cache_folder() / f"{self._key(layout, multiple)}.pt2"
         if not path.is_file():
             try:
-                with _compile_lock(path):  # processes compiling the same part (torchrun ranks) wait for one
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with exclusive_lock(path.with_suffix(".lock")):  # processes making the same package wait for one
                     if not path.is_file():
                         self._compile(args, flat, multiple, path)
             except Exception as e:  # any failure to export or compile: torch.compile instead
@@ -149,18 +149,6 @@ class CompiledPart(nn.Module):
             key.update(part.encode() + b"\0")
         key.update(self._weights_digest)
         return key.hexdigest()[:32]
-
-
-@contextlib.contextmanager
-def _compile_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path``'s lock file, held while its package is made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _min_side(multiple: int) -> int:

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vision.atomic import atomic_write, remove_stale_temp_files
+from vision.atomic import atomic_write, exclusive_lock, remove_stale_temp_files
 from vision.data.image_io import read_image
 from vision.data.loader import seed_worker
 from vision.errors import ImageReadError, VisionError
@@ -225,12 +224,8 @@ def _open_for_append(path: Path):
 @contextlib.contextmanager
 def folder_lock(out_dir: Path) -> Iterator[None]:
     """An exclusive lock on the output folder (held briefly: to check it, and to merge into it)."""
-    with open(out_dir / LOCK, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(out_dir / LOCK):
+        yield
 
 
 def file_digest(path: str | os.PathLike) -> str:
