@@ -73,11 +73,12 @@ class CompiledPart(nn.Module):
                 or not _within(flat, self._multiple(flat))):
             return self.part(*args)
         device = flat[0].device.type
-        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))  # traced into the program
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))  # traced in
         layout = (str(spec), tuple((t.dtype, t.device.type, t.shape[0], t.shape[1],
-                                    t.is_contiguous(memory_format=torch.channels_last)) for t in flat), autocast)
+                                    t.is_contiguous(memory_format=torch.channels_last)) for t in flat),
+                  autocast)
         if layout not in self._runners:
-            self._runners[layout] = self._prepare(args, flat, layout)
+            self._runners[layout] = self._prepare(args, flat, spec, layout)
             if self._fallback is not None:
                 return self._fallback(*args)
         runner = self._runners[layout]
@@ -86,15 +87,15 @@ class CompiledPart(nn.Module):
     def _multiple(self, flat: list[torch.Tensor]) -> int:
         return self.image_multiple if len(flat) == 1 else 1
 
-    def _prepare(self, args: tuple, flat: list[torch.Tensor], layout: Any):
+    def _prepare(self, args: tuple, flat: list[torch.Tensor], spec: pytree.TreeSpec, layout: Any):
         multiple = self._multiple(flat)
         path = cache_folder() / f"{self._key(layout, multiple)}.pt2"
         if not path.is_file():
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with exclusive_lock(path.with_suffix(".lock")):  # processes making the same package wait for one
+                with exclusive_lock(path.with_suffix(".lock")):  # others making this package wait for one
                     if not path.is_file():
-                        self._compile(args, flat, multiple, path)
+                        self._compile(args, spec, len(flat), multiple, path)
             except Exception as e:  # any failure to export or compile: torch.compile instead
                 log.warning("could not compile %s ahead of time (%s: %s); using torch.compile",
                             type(self.part).__name__, type(e).__name__, str(e).splitlines()[0][:200])
@@ -103,24 +104,21 @@ class CompiledPart(nn.Module):
         try:
             loaded = torch._inductor.aoti_load_package(str(path))
         except Exception as e:  # a damaged or foreign package: made again next time
-            log.warning("could not load %s (%s); removed, running eagerly", path, str(e).splitlines()[0][:200])
+            log.warning("could not load %s (%s); removed, running eagerly", path,
+                        str(e).splitlines()[0][:200])
             path.unlink(missing_ok=True)
             return None
         log.info("loaded compiled %s from %s", type(self.part).__name__, path)
         return loaded
 
-    def _compile(self, args: tuple, flat: list[torch.Tensor], multiple: int, path: Path) -> None:
+    def _compile(self, args: tuple, spec: pytree.TreeSpec, n_maps: int, multiple: int, path: Path) -> None:
         from torch.export import Dim
 
-        dims = []
-        for i in range(len(flat)):
-            if multiple > 1:
-                h = multiple * Dim(f"h{i}", min=_min_side(multiple) // multiple, max=_MAX_SIDE // multiple)
-                w = multiple * Dim(f"w{i}", min=_min_side(multiple) // multiple, max=_MAX_SIDE // multiple)
-            else:
-                h, w = Dim(f"h{i}", min=2, max=_MAX_SIDE), Dim(f"w{i}", min=2, max=_MAX_SIDE)
-            dims.append({2: h, 3: w})
-        _, spec = pytree.tree_flatten(args)
+        def side(name: str):  # a map's height or width, in units of ``multiple``
+            dim = Dim(name, min=_min_side(multiple) // multiple, max=_MAX_SIDE // multiple)
+            return multiple * dim if multiple > 1 else dim
+
+        dims = [{2: side(f"h{i}"), 3: side(f"w{i}")} for i in range(n_maps)]
         dynamic_shapes = pytree.tree_unflatten(dims, spec)
         log.warning("compiling %s ahead of time (once for every image size; kept in %s)",
                     type(self.part).__name__, path.parent)
@@ -138,7 +136,8 @@ class CompiledPart(nn.Module):
             digest = hashlib.sha256()
             for name, tensor in self.part.state_dict().items():
                 digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().data)  # logical order
+                # in logical order, whatever the memory layout
+                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().data)
             self._weights_digest = digest.digest()
         from vision.inference import winograd
 

@@ -29,8 +29,8 @@ What it changes, and why each step is safe:
 - Optional reduced precision (bfloat16 on CPUs with native support, float16 or bfloat16 on CUDA) and
   optional compilation (``compile_model``: the backbone and the dense heads, ahead of time by
   AOTInductor with weight freezing on a CPU, one package for every image size, kept on disk).  These
-  trade exactness or start-up time for speed and are off by default; the float32 path, compiled or not, stays within 1e-3 of the
-  unoptimised model.
+  trade exactness or start-up time for speed and are off by default; the float32 path, compiled or
+  not, stays within 1e-3 of the unoptimised model.
 
 ``torch.inference_mode`` and pinned, non-blocking host-to-device copies are applied by the predictor.
 """
