@@ -143,14 +143,10 @@ def native_winograd_f4(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tenso
     n, c, h, w = x.shape
     k = filters.shape[2]
     tiles_h, tiles_w = -(-h // 4), -(-w // 4)
-    nhwc = x.permute(0, 2, 3, 1)
-    if nhwc.stride(-1) != 1:
-        nhwc = nhwc.contiguous()
+    nhwc = _nhwc(x)
     out = torch.empty(n, h, w, k, dtype=x.dtype, device=x.device)
     if residual is not None:
-        residual = residual.permute(0, 2, 3, 1)
-        if residual.stride(-1) != 1:
-            residual = residual.contiguous()
+        residual = _nhwc(residual)
         residual_ptr, residual_strides = residual.data_ptr(), residual.stride()[:3]
     else:
         residual_ptr, residual_strides = 0, (0, 0, 0)
@@ -171,6 +167,13 @@ def native_winograd_f4(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tenso
         _winograd_native.output_transform(products.data_ptr(), (n, h, w, k), r0, r1, tiles_w, bias_ptr,
                                           residual_ptr, residual_strides, relu, out.data_ptr(), out.stride()[:3])
     return out.permute(0, 3, 1, 2)  # channels_last, as oneDNN's convolution returns it
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[N, H, W, C]`` with channels adjacent, as the C transforms read it (a view of a
+    channels_last tensor, a copy of any other)."""
+    nhwc = x.permute(0, 2, 3, 1)
+    return nhwc if nhwc.stride(-1) == 1 else nhwc.contiguous()
 
 
 def _zero_padded(nhwc: torch.Tensor, height: int, width: int) -> torch.Tensor:
