@@ -16,6 +16,7 @@ from vision.inference.winograd import (
     WinogradConv2d,
     _transforms,
     native_winograd_f4,
+    pack_filters,
     use_winograd,
     winograd_conv3x3,
     winograd_filters,
@@ -75,8 +76,11 @@ def test_the_native_transforms_are_built() -> None:
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("product", ["bmm", "native"])
 def test_native_transforms_equal_pytorchs_convolution_with_bias_residual_and_relu(
-        monkeypatch, n, c, k, h, w, strip_values, residual, relu, bias) -> None:
+        monkeypatch, n, c, k, h, w, strip_values, residual, relu, bias, product) -> None:
+    if product == "native" and not winograd.NATIVE_PRODUCT:
+        pytest.skip("the C batched product needs AVX-512")
     if strip_values is not None:
         monkeypatch.setattr(winograd, "_STRIP_VALUES", strip_values)
     g = torch.Generator().manual_seed(h * w + c)
@@ -90,7 +94,11 @@ def test_native_transforms_equal_pytorchs_convolution_with_bias_residual_and_rel
         ref, direct = ref + r.double(), direct + r
     if relu:
         ref, direct = ref.relu(), direct.relu()
-    got = native_winograd_f4(x, winograd_filters(weight, 4), b, relu, r)
+    filters = winograd_filters(weight, 4)
+    if product == "native":
+        got = native_winograd_f4(x, pack_filters(filters), b, relu, r, out_channels=k)
+    else:
+        got = native_winograd_f4(x, filters, b, relu, r)
     assert got.shape == ref.shape and got.dtype == torch.float32
     assert got.stride() == torch.empty_like(ref, memory_format=torch.channels_last).stride()
     error, direct_error = (got.double() - ref).abs().max().item(), (direct.double() - ref).abs().max().item()
@@ -106,6 +114,35 @@ def test_native_transforms_read_an_nchw_input_and_residual() -> None:
     weight = torch.randn(96, 64, 3, 3, generator=g) / 24
     got = native_winograd_f4(x, winograd_filters(weight, 4), None, True, r)
     torch.testing.assert_close(got, (F.conv2d(x, weight, padding=1) + r).relu(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_native_product_runs_wherever_the_cpu_has_avx512() -> None:
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert winograd.NATIVE_PRODUCT  # not silently left to torch.bmm
+
+
+def test_packed_filters_hold_the_filters_block_by_block_with_zeros_past_the_last_channel() -> None:
+    filters = torch.randn(36, 5, 70)
+    packed = pack_filters(filters)
+    assert packed.shape == (36, 3, 5, 32)
+    unpacked = packed.permute(0, 2, 1, 3).reshape(36, 5, 96)
+    assert torch.equal(unpacked[:, :, :70], filters) and not unpacked[:, :, 70:].any()
+
+
+@pytest.mark.skipif(not winograd.NATIVE_PRODUCT, reason="the C batched product needs AVX-512")
+@pytest.mark.parametrize(("count", "c", "k"), [
+    (1, 1, 1), (12, 64, 32), (13, 64, 33), (68, 256, 256), (7, 256, 819), (50, 100, 36), (25, 3, 17),
+    (300, 128, 48),
+])
+def test_the_native_batched_product_equals_torch_bmm(count: int, c: int, k: int) -> None:
+    g = torch.Generator().manual_seed(count * c + k)
+    a, b = torch.randn(36, count, c, generator=g), torch.randn(36, c, k, generator=g)
+    packed, out = pack_filters(b), torch.full((36, count, k), float("nan"))  # every value must be written
+    winograd._winograd_native.batched_product(a.data_ptr(), (count, c), packed.data_ptr(), k, out.data_ptr())
+    reference = torch.bmm(a, b)
+    # the same sums in another order: float32 rounding of the sum of |a| |b|, nothing more
+    bound = 4 * c * torch.finfo(torch.float32).eps * torch.bmm(a.abs(), b.abs())
+    assert not out.isnan().any() and ((out - reference).abs() <= bound).all()
 
 
 def winograd_layers(model: nn.Module, tile: int) -> list[nn.Module]:

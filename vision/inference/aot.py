@@ -38,7 +38,7 @@ from vision.atomic import exclusive_lock
 
 log = logging.getLogger(__name__)
 
-_FORMAT = b"vision-aot-1"  # bump when what a package holds changes
+_FORMAT = b"vision-aot-2"  # bump when what a package holds changes
 _MAX_SIDE = 8192  # the largest map side a package serves (pixels of the padded image for the backbone)
 
 
@@ -144,6 +144,7 @@ class CompiledPart(nn.Module):
         key = hashlib.sha256(_FORMAT)
         for part in (repr(self.part), repr(layout), str(multiple), torch.__version__, sys.version,
                      torch.backends.cpu.get_cpu_capability(), str(winograd._winograd_native is not None),
+                     str(winograd.NATIVE_PRODUCT),
                      str(torch._inductor.config.freezing)):
             key.update(part.encode() + b"\0")
         key.update(self._weights_digest)

@@ -49,6 +49,9 @@ try:  # the F(4x4, 3x3) transforms in C (built at install where a C compiler wit
     from vision.inference import _winograd_native
 except ImportError:
     _winograd_native = None
+# Its batched product too, on CPUs with AVX-512, with the filters packed once (``pack_filters``)
+NATIVE_PRODUCT = _winograd_native is not None and _winograd_native.has_batched_product()
+_PACKED_COLUMNS = 32  # output channels per packed block, as the C kernel reads them
 
 # Y = A^T [(G g G^T) * (B^T d B)] A for an (m + 2) x (m + 2) tile d and a 3x3 filter g (Lavin & Gray, 2016),
 # by output tile side m: (B^T, G, A^T).
@@ -78,6 +81,16 @@ def winograd_filters(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
     g = torch.tensor(_MATRICES[tile][1], dtype=torch.float64, device=weight.device)
     u = torch.einsum("ij,kcjl,ml->imck", g, weight.detach().double(), g)  # [t, t, C, K]
     return u.reshape((tile + 2) ** 2, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+
+
+def pack_filters(filters: torch.Tensor) -> torch.Tensor:
+    """F(4x4, 3x3) filters ``[36, C, K]`` -> ``[36, ceil(K / 32), C, 32]``, zeros past K: the layout the
+    C batched product reads, each block of 32 output channels of a tile position in one run of memory."""
+    positions, c, k = filters.shape
+    blocks = -(-k // _PACKED_COLUMNS)
+    padded = filters.new_zeros(positions, c, blocks * _PACKED_COLUMNS)
+    padded[:, :, :k] = filters
+    return padded.view(positions, c, blocks, _PACKED_COLUMNS).permute(0, 2, 1, 3).contiguous()
 
 
 @lru_cache(maxsize=16)
@@ -135,13 +148,20 @@ def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor 
 
 
 def native_winograd_f4(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool = False,
-                       residual: torch.Tensor | None = None) -> torch.Tensor:
+                       residual: torch.Tensor | None = None, out_channels: int | None = None) -> torch.Tensor:
     """``winograd_conv3x3`` for F(4x4, 3x3) filters with the transforms in C (``_winograd_native.c``):
     each is one pass over memory, reading tiles straight from the map (no padded copy) and writing the
     output with its bias, ``residual`` (added before the ReLU, as a ResNet block does) and ReLU, edge
-    tiles clipped.  Strips of tile rows as in ``winograd_conv3x3``; their buffers are reused."""
+    tiles clipped.  Strips of tile rows as in ``winograd_conv3x3``; their buffers are reused.
+
+    ``filters`` from ``winograd_filters`` take the batched product through ``torch.bmm``; packed by
+    ``pack_filters`` (which needs ``NATIVE_PRODUCT``, and ``out_channels``: the packing pads them) they
+    take it through the C kernel."""
     n, c, h, w = x.shape
-    k = filters.shape[2]
+    packed = filters.dim() == 4
+    if packed and out_channels is None:
+        raise ValueError("packed Winograd filters need out_channels")
+    k = out_channels if packed else filters.shape[2]
     tiles_h, tiles_w = -(-h // 4), -(-w // 4)
     nhwc = _nhwc(x)
     out = torch.empty(n, h, w, k, dtype=x.dtype, device=x.device)
@@ -163,7 +183,11 @@ def native_winograd_f4(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tenso
         products = products_buffer[: 36 * count * k].view(36, count, k)
         _winograd_native.input_transform(nhwc.data_ptr(), (n, h, w, c), nhwc.stride()[:3], r0, r1, tiles_w,
                                          transformed.data_ptr())
-        torch.bmm(transformed, filters, out=products)
+        if packed:
+            _winograd_native.batched_product(transformed.data_ptr(), (count, c), filters.data_ptr(), k,
+                                             products.data_ptr())
+        else:
+            torch.bmm(transformed, filters, out=products)
         _winograd_native.output_transform(products.data_ptr(), (n, h, w, k), r0, r1, tiles_w, bias_ptr,
                                           residual_ptr, residual_strides, relu, out.data_ptr(), out.stride()[:3])
     return out.permute(0, 3, 1, 2)  # channels_last, as oneDNN's convolution returns it
@@ -201,7 +225,10 @@ class WinogradConv2d(FusedConv2d):
     winograd_weight: torch.Tensor
 
     def attach_filters(self, tile: int) -> None:
-        self.register_buffer("winograd_weight", winograd_filters(self.weight, tile), persistent=False)
+        filters = winograd_filters(self.weight, tile)
+        if tile == 4 and NATIVE_PRODUCT:
+            filters = pack_filters(filters)  # only this copy is kept: it is all the C kernel reads
+        self.register_buffer("winograd_weight", filters, persistent=False)
 
     @property
     def winograd_tile(self) -> int:
@@ -218,13 +245,13 @@ class WinogradConv2d(FusedConv2d):
         if torch.compiler.is_compiling():
             # One opaque call for maps of every size: a branch on the size would be a guard of the
             # compiled graph, and a recompile for each image whose smallest maps fall on its other side.
-            y = torch.ops.vision.winograd_conv3x3(x, self.winograd_weight, self.bias, relu)
+            y = torch.ops.vision.winograd_conv3x3(x, self.winograd_weight, self.bias, relu, self.out_channels)
         elif x.shape[-2] * x.shape[-1] < _MIN_PIXELS:
             return super().forward(x, residual)
         elif _native_tile(self.winograd_weight):
-            return native_winograd_f4(x, self.winograd_weight, self.bias, self.relu, residual)
+            return native_winograd_f4(x, self.winograd_weight, self.bias, self.relu, residual, self.out_channels)
         else:
-            y = _winograd_op(x, self.winograd_weight, self.bias, relu)
+            y = _winograd_op(x, self.winograd_weight, self.bias, relu, self.out_channels)
         return y if residual is None else self.finish(y, residual)
 
 
@@ -233,9 +260,10 @@ def _native_tile(filters: torch.Tensor) -> bool:
     return _winograd_native is not None and filters.shape[0] == 36
 
 
-def _winograd_op(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+def _winograd_op(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool,
+                 out_channels: int) -> torch.Tensor:
     if _native_tile(filters):
-        return native_winograd_f4(x, filters, bias, relu)
+        return native_winograd_f4(x, filters, bias, relu, out_channels=out_channels)
     return winograd_conv3x3(x, filters, bias, *_transforms(x.device, x.dtype, _tile_of(filters)), relu=relu)
 
 
@@ -245,9 +273,10 @@ _compiled_op = torch.library.custom_op("vision::winograd_conv3x3", mutates_args=
 
 
 @_compiled_op.register_fake
-def _(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+def _(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: bool,
+      out_channels: int) -> torch.Tensor:
     n, _, h, w = x.shape
-    return x.new_empty((n, filters.shape[2], h, w)).contiguous(memory_format=torch.channels_last)
+    return x.new_empty((n, out_channels, h, w)).contiguous(memory_format=torch.channels_last)
 
 
 def _eligible(module: nn.Module, tile: int) -> bool:
