@@ -108,6 +108,25 @@ def test_native_transforms_equal_pytorchs_convolution_with_bias_residual_and_rel
         assert (got - tensor_ops).abs().max().item() < max(20 * direct_error, 1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_filters_larger_than_the_cache_go_through_in_longer_strips(monkeypatch, packed: bool) -> None:
+    if packed and not winograd.NATIVE_PRODUCT:
+        pytest.skip("the C batched product needs AVX-512")
+    monkeypatch.setattr(winograd, "_CACHE_BYTES", 0)  # every filter bank counts as larger than the cache
+    monkeypatch.setattr(winograd, "_STRIP_VALUES", 36 * 64 * 6)  # one tile row per strip before, 4 now
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 64, 37, 21, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(70, 64, 3, 3, generator=g) / 24
+    filters = winograd_filters(weight, 4)
+    got = (native_winograd_f4(x, pack_filters(filters), None, out_channels=70) if packed
+           else native_winograd_f4(x, filters, None))
+    torch.testing.assert_close(got, F.conv2d(x, weight, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_the_last_level_cache_size_is_read_or_assumed() -> None:
+    assert winograd._CACHE_BYTES >= 2**20
+
+
 def test_native_transforms_read_an_nchw_input_and_residual() -> None:
     g = torch.Generator().manual_seed(1)
     x, r = torch.randn(1, 64, 20, 22, generator=g), torch.randn(1, 96, 20, 22, generator=g)

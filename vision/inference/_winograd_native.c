@@ -1,4 +1,4 @@
-/* Winograd F(4x4, 3x3) transforms in one pass each: vision.inference._winograd_native.
+/* Winograd F(4x4, 3x3) transforms in one pass each, and the product between them: vision.inference._winograd_native.
 
 ``vision/inference/winograd.py`` computes a 3x3 convolution as input transform, batched product,
 output transform.  In tensor operations each transform is several passes over memory: the tiles are
@@ -9,7 +9,9 @@ tile is read (zeros outside the map, so no padded copy either) and its 36 transf
 where the batched product reads them; every 36 products become the 4 x 4 output tile with its bias,
 residual and ReLU, written into the NHWC output, edge tiles clipped.
 
-Both functions take raw pointers (tensors' ``data_ptr()``) with element strides, release the GIL, and
+On CPUs with AVX-512 the batched product is here too (see batched_product below).
+
+The functions take raw pointers (tensors' ``data_ptr()``) with element strides, release the GIL, and
 split the tiles over the machine's cores with OpenMP (torch's own OpenMP runtime once torch is loaded,
 so the two share one thread pool).  The Python side owns the memory and checks shapes and strides. */
 
