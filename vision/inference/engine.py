@@ -7,9 +7,9 @@ What it changes, and why each step is safe:
 - Weights and activations are ``channels_last``: oneDNN's convolutions work in NHWC, so an NCHW
   model pays a layout reorder around every convolution; with NHWC throughout none is needed.
 - On a CPU in float32, wide 3x3 convolutions (backbone, FPN, head towers, RPN) compute by Winograd's
-  F(4x4, 3x3) (``winograd.py``, its transforms in C where the extension was built): oneDNN's direct
-  kernel already runs near the machine's peak, so only less arithmetic makes them faster, and
-  F(4x4, 3x3) needs a quarter of the multiplications.  Its
+  F(4x4, 3x3) (``winograd.py``, its transforms in C where the extension was built, and its batched
+  product too on CPUs with AVX-512): oneDNN's direct kernel already runs near the machine's peak, so
+  only less arithmetic makes them faster, and F(4x4, 3x3) needs a quarter of the multiplications.  Its
   rounding (about 1e-5 of a value, against 1e-6 directly) moves RetinaNet's and Faster R-CNN's scores
   by about 1e-6 and boxes by about 1e-4 px on 800 px photos.  ``winograd_tile=2`` takes F(2x2, 3x3)
   instead: four ninths of the multiplications, rounding below the direct kernel's.
