@@ -148,6 +148,17 @@ def test_packed_filters_hold_the_filters_block_by_block_with_zeros_past_the_last
     assert torch.equal(unpacked[:, :, :70], filters) and not unpacked[:, :, 70:].any()
 
 
+def test_packed_filters_that_do_not_fit_the_convolution_are_refused() -> None:
+    x = torch.randn(1, 64, 8, 8)
+    packed = pack_filters(winograd_filters(torch.randn(70, 64, 3, 3), 4))
+    with pytest.raises(ValueError, match="out_channels"):
+        native_winograd_f4(x, packed, None)
+    with pytest.raises(ValueError, match="do not fit 64 -> 100 channels"):
+        native_winograd_f4(x, packed, None, out_channels=100)
+    with pytest.raises(ValueError, match="do not fit 32 -> 70 channels"):
+        native_winograd_f4(x[:, :32], packed, None, out_channels=70)
+
+
 @pytest.mark.skipif(not winograd.NATIVE_PRODUCT, reason="the C batched product needs AVX-512")
 @pytest.mark.parametrize(("count", "c", "k"), [
     (1, 1, 1), (12, 64, 32), (13, 64, 33), (68, 256, 256), (7, 256, 819), (50, 100, 36), (25, 3, 17),

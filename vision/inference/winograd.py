@@ -198,6 +198,9 @@ def native_winograd_f4(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tenso
     if packed and out_channels is None:
         raise ValueError("packed Winograd filters need out_channels")
     k = out_channels if packed else filters.shape[2]
+    if packed and tuple(filters.shape) != (36, -(-k // _PACKED_COLUMNS), c, _PACKED_COLUMNS):
+        # the C kernel reads them through a pointer: a mismatch would read past their end
+        raise ValueError(f"packed filters of shape {tuple(filters.shape)} do not fit {c} -> {k} channels")
     tiles_h, tiles_w = -(-h // 4), -(-w // 4)
     nhwc = _nhwc(x)
     out = torch.empty(n, h, w, k, dtype=x.dtype, device=x.device)
