@@ -153,10 +153,14 @@ def test_packed_filters_that_do_not_fit_the_convolution_are_refused() -> None:
     packed = pack_filters(winograd_filters(torch.randn(70, 64, 3, 3), 4))
     with pytest.raises(ValueError, match="out_channels"):
         native_winograd_f4(x, packed, None)
-    with pytest.raises(ValueError, match="do not fit 64 -> 100 channels"):
+    with pytest.raises(ValueError, match="do not fit 64 -> 100 float32 channels"):
         native_winograd_f4(x, packed, None, out_channels=100)
-    with pytest.raises(ValueError, match="do not fit 32 -> 70 channels"):
+    with pytest.raises(ValueError, match="do not fit 32 -> 70 float32 channels"):
         native_winograd_f4(x[:, :32], packed, None, out_channels=70)
+    with pytest.raises(ValueError, match=r"torch\.float64 filters"):
+        native_winograd_f4(x, packed.double(), None, out_channels=70)
+    with pytest.raises(ValueError, match="residual of shape"):
+        native_winograd_f4(x, packed, None, residual=torch.randn(1, 70, 4, 8), out_channels=70)
 
 
 @pytest.mark.skipif(not winograd.NATIVE_PRODUCT, reason="the C batched product needs AVX-512")

@@ -28,9 +28,9 @@ gain over the direct kernel too.
 
 On CPUs with AVX-512 the batched product runs in C as well (``batched_product``), on filters packed once
 per model (``pack_filters``): the BLAS behind ``torch.bmm`` repacks each tile position's filters on every
-call, for the few dozen to few hundred tiles of a strip, and on a 2-core AMD EPYC reached 136-172
-GFLOP/s there against the C kernel's 200-224 (a 256-channel convolution at RetinaNet's P3: 24 ms
-against 29).  Elsewhere ``torch.bmm`` computes it.
+call, for the few dozen to few hundred tiles of a strip, and on a 2-core AMD EPYC reached 127-183
+GFLOP/s there against the C kernel's 193-220 (``benchmarks/winograd_product.py``; a 256-channel
+convolution at RetinaNet's P3: 24 ms against 29).  Elsewhere ``torch.bmm`` computes it.
 
 It is exact arithmetic reordered, so the result equals the convolution up to float32 rounding.
 PyTorch's convolution stays the reference the tests compare with.  Only float32 on a CPU takes this
@@ -83,7 +83,7 @@ _STRIP_VALUES = 36 * 96 * 256  # transformed values per strip: about 3.5 MB
 _FILTERS_PER_PIECE = 8192  # 3x3 filters transformed at a time (2.4 MB of float64 values for F(4x4))
 # Every strip reads all of a convolution's filters again.  Where they do not fit in the last-level cache
 # (RetinaNet's 819-channel classifier: 30 MB as Winograd filters) that read comes from memory, and strips
-# this many times longer take 15-20% less time; filters that stay in the cache gain nothing from it.
+# this many times longer take 7-17% less time; filters that stay in the cache gain nothing from it.
 _LONG_STRIPS = 4
 
 
@@ -198,9 +198,13 @@ def native_winograd_f4(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tenso
     if packed and out_channels is None:
         raise ValueError("packed Winograd filters need out_channels")
     k = out_channels if packed else filters.shape[2]
-    if packed and tuple(filters.shape) != (36, -(-k // _PACKED_COLUMNS), c, _PACKED_COLUMNS):
-        # the C kernel reads them through a pointer: a mismatch would read past their end
-        raise ValueError(f"packed filters of shape {tuple(filters.shape)} do not fit {c} -> {k} channels")
+    # the C code reads filters and residual through pointers: a mismatch would read past their end
+    if packed and (tuple(filters.shape) != (36, -(-k // _PACKED_COLUMNS), c, _PACKED_COLUMNS)
+                   or filters.dtype != torch.float32):
+        raise ValueError(f"packed {filters.dtype} filters of shape {tuple(filters.shape)} do not fit "
+                         f"{c} -> {k} float32 channels")
+    if residual is not None and tuple(residual.shape) != (n, k, h, w):
+        raise ValueError(f"a residual of shape {tuple(residual.shape)} does not fit an output of {(n, k, h, w)}")
     tiles_h, tiles_w = -(-h // 4), -(-w // 4)
     nhwc = _nhwc(x)
     out = torch.empty(n, h, w, k, dtype=x.dtype, device=x.device)
