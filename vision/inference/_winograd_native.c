@@ -191,7 +191,6 @@ static PyObject *output_transform(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-
 /* The batched product between the transforms: for each of the 36 tile positions s, the strip's
    transformed tiles [count, c] times that position's filters [c, k].  torch.bmm gives it to the BLAS,
    which on some x86 CPUs runs it well below what the cores can do at these shapes (a few dozen to a few
@@ -307,4 +306,12 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_winograd_native
                                         "Winograd F(4x4, 3x3) transforms in one pass each.", -1, methods,
                                         NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__winograd_native(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC PyInit__winograd_native(void) {
+    PyObject *module = PyModule_Create(&module_def);
+    /* the packed filters' block width, which the Python side packs to */
+    if (module && PyModule_AddIntConstant(module, "PACKED_COLUMNS", PRODUCT_COLS) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

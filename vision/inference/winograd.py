@@ -58,7 +58,8 @@ except ImportError:
     _winograd_native = None
 # Its batched product too, on CPUs with AVX-512, with the filters packed once (``pack_filters``)
 NATIVE_PRODUCT = _winograd_native is not None and _winograd_native.has_batched_product()
-_PACKED_COLUMNS = 32  # output channels per packed block, as the C kernel reads them
+# output channels per packed block: the C kernel's width (only packing for it needs one)
+_PACKED_COLUMNS = _winograd_native.PACKED_COLUMNS if _winograd_native is not None else 32
 
 # Y = A^T [(G g G^T) * (B^T d B)] A for an (m + 2) x (m + 2) tile d and a 3x3 filter g (Lavin & Gray, 2016),
 # by output tile side m: (B^T, G, A^T).
