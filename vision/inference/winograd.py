@@ -276,7 +276,7 @@ class WinogradConv2d(FusedConv2d):
 
     def attach_filters(self, tile: int) -> None:
         filters = winograd_filters(self.weight, tile)
-        if tile == 4 and NATIVE_PRODUCT:
+        if _c_product(tile):
             filters = pack_filters(filters)  # only this copy is kept: it is all the C kernel reads
         self.register_buffer("winograd_weight", filters, persistent=False)
 
@@ -305,6 +305,11 @@ class WinogradConv2d(FusedConv2d):
         return y if residual is None else self.finish(y, residual)
 
 
+def _c_product(tile: int) -> bool:
+    """Whether convolutions with this tile take the C batched product (their filters are packed for it)."""
+    return tile == 4 and NATIVE_PRODUCT
+
+
 def _native_tile(filters: torch.Tensor) -> bool:
     """Whether the C transforms compute with these filters: F(4x4, 3x3), where the extension was built."""
     return _winograd_native is not None and filters.shape[0] == 36
@@ -331,7 +336,7 @@ def _(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, relu: b
 
 def _eligible(module: nn.Module, tile: int) -> bool:
     native = tile == 4 and _winograd_native is not None
-    min_out_channels = _MIN_OUT_CHANNELS_NATIVE_PRODUCT if native and NATIVE_PRODUCT else _MIN_OUT_CHANNELS
+    min_out_channels = _MIN_OUT_CHANNELS_NATIVE_PRODUCT if _c_product(tile) else _MIN_OUT_CHANNELS
     return (type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
             and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
             and module.padding_mode == "zeros"
